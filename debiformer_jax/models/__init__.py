@@ -1,0 +1,3 @@
+"""DeBiFormer models. `create_model(name, **overrides)` is the entry point."""
+
+from debiformer_jax.models.config import ALIASES, PRESETS, DeBiFormerConfig, get_config

@@ -1,0 +1,172 @@
+"""DeBiFormer architecture description and the official presets.
+
+Everything the official PyTorch code hard-codes is a field here. A config is a frozen
+dataclass; `dataclasses.replace(cfg, field=value)` makes a variant, and `validate()` says
+what is wrong with one in words a user can act on.
+
+Per-stage attention: each block holds two attentions. `attn1` is BRA or DBRA (per stage,
+`attn1_deformable`), `attn2` is always DBRA. `topk1` / `topk2` are the number of routed
+regions for them; -1 means "every region" (n_win**2), which is what the official stage
+top-k entry -2 builds (k=49 at n_win=7).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Tuple
+
+IntTuple = Tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class DeBiFormerConfig:
+  """Architecture of one DeBiFormer. All tuples have one entry per stage."""
+
+  depths: IntTuple = (1, 1, 4, 1)
+  widths: IntTuple = (64, 128, 256, 512)
+  mlp_ratios: IntTuple = (3, 3, 3, 3)
+  head_dim: int = 32
+  n_win: int = 7
+  attn1_deformable: Tuple[bool, ...] = (False, False, False, True)
+  topk1: IntTuple = (1, 4, 16, -1)
+  topk2: IntTuple = (4, 8, 16, -1)
+  offset_groups: IntTuple = (1, 2, 4, 8)
+  offset_kernels: IntTuple = (9, 7, 5, 3)
+  offset_strides: IntTuple = (8, 4, 2, 1)
+  dbra_mlp_ratios: IntTuple = (3, 3, 3, 3)
+  rpe_sizes: IntTuple = (56, 28, 14, 7)
+  side_dwconv: int = 5
+  pos_dwconv: int = 3
+  in_chans: int = 3
+  num_classes: int = 1000
+  drop_path_rate: float = 0.0
+
+  @property
+  def num_stages(self) -> int:
+    return len(self.depths)
+
+  @property
+  def num_heads(self) -> IntTuple:
+    return tuple(w // self.head_dim for w in self.widths)
+
+  def stage_topk(self, k: int) -> int:
+    """Resolves -1 ("all regions") to n_win**2."""
+    return self.n_win ** 2 if k == -1 else k
+
+  def drop_path_rates(self) -> Tuple[float, ...]:
+    """Per-block stochastic-depth rates, linspace(0, rate, sum(depths)) as the official code."""
+    n = sum(self.depths)
+    if n == 1:
+      return (0.0,)
+    return tuple(self.drop_path_rate * i / (n - 1) for i in range(n))
+
+  def validate(self) -> "DeBiFormerConfig":
+    """Raises ValueError naming the offending field; returns self when fine."""
+    n = self.num_stages
+    per_stage = ('widths', 'mlp_ratios', 'attn1_deformable', 'topk1', 'topk2', 'offset_groups',
+                 'offset_kernels', 'offset_strides', 'dbra_mlp_ratios', 'rpe_sizes')
+    for f in per_stage:
+      if len(getattr(self, f)) != n:
+        raise ValueError(f'DeBiFormerConfig.{f} has {len(getattr(self, f))} entries but depths '
+                         f'has {n}: give one entry per stage.')
+    if any(d < 1 for d in self.depths):
+      raise ValueError(f'DeBiFormerConfig.depths={self.depths}: every stage needs at least one block.')
+    if self.n_win < 1:
+      raise ValueError(f'DeBiFormerConfig.n_win={self.n_win} must be >= 1.')
+    for s in range(n):
+      w, g = self.widths[s], self.offset_groups[s]
+      if w % self.head_dim:
+        raise ValueError(f'stage {s}: width {w} is not a multiple of head_dim {self.head_dim}.')
+      heads = w // self.head_dim
+      if w % g or heads % g:
+        raise ValueError(f'stage {s}: offset_groups {g} must divide both the width {w} and the '
+                         f'number of heads {heads}.')
+      if self.offset_kernels[s] % 2 != 1:
+        raise ValueError(f'stage {s}: offset_kernels must be odd, got {self.offset_kernels[s]}.')
+      for name in ('topk1', 'topk2'):
+        k = getattr(self, name)[s]
+        if k != -1 and not 1 <= k <= self.n_win ** 2:
+          raise ValueError(f'stage {s}: {name}={k} must be -1 (all regions) or in '
+                           f'[1, n_win**2={self.n_win ** 2}].')
+    if self.widths[0] % 2:
+      raise ValueError(f'widths[0]={self.widths[0]} must be even (the stem halves it).')
+    if not 0.0 <= self.drop_path_rate < 1.0:
+      raise ValueError(f'drop_path_rate={self.drop_path_rate} must be in [0, 1).')
+    return self
+
+  def stage_sizes(self, height: int, width: int) -> Tuple[Tuple[int, int], ...]:
+    """Feature-map size of each stage for an input image (stem /4, then /2 per stage).
+
+    Every conv here is 3x3, stride 2, padding 1, so a side of n becomes ceil(n / 2).
+    """
+    sizes = []
+    h, w = -(-height // 4), -(-width // 4)
+    for s in range(self.num_stages):
+      if s > 0:
+        h, w = -(-h // 2), -(-w // 2)
+      sizes.append((h, w))
+    return tuple(sizes)
+
+  def input_size_problems(self, height: int, width: int) -> Tuple[str, ...]:
+    """Which stage maps or deformable grids of this input do not split into n_win regions.
+
+    The deformable grid of a stage is ceil(side / offset_stride) per side.
+    """
+    problems = []
+    for s, (h, w) in enumerate(self.stage_sizes(height, width)):
+      r = self.offset_strides[s]
+      for what, a, b in (('feature map', h, w), ('deformable grid', -(-h // r), -(-w // r))):
+        if a % self.n_win or b % self.n_win:
+          problems.append(f'stage {s} {what} {a}x{b}')
+    return tuple(problems)
+
+  def valid_input_sizes(self, limit: int = 3) -> Tuple[int, ...]:
+    """The smallest square input sides this model accepts that halve exactly at every stage."""
+    step = 2 ** (self.num_stages + 1)
+    found, side = [], step
+    while len(found) < limit and side < 100_000:
+      if not self.input_size_problems(side, side):
+        found.append(side)
+      side += step
+    return tuple(found)
+
+  def check_input_size(self, height: int, width: int) -> None:
+    """Raises ValueError, naming sizes that work, unless the input splits into regions."""
+    problems = self.input_size_problems(height, width)
+    if problems:
+      ok = ', '.join(map(str, self.valid_input_sizes()))
+      raise ValueError(
+          f'input {height}x{width} does not split into {self.n_win}x{self.n_win} regions: '
+          f'{", ".join(problems)} not divisible by n_win={self.n_win}. Square sizes that work '
+          f'with this model include {ok}; resize or crop the input to one of them.')
+
+
+TINY = DeBiFormerConfig()
+SMALL = DeBiFormerConfig(depths=(2, 2, 9, 3), mlp_ratios=(3, 3, 3, 2),
+                         dbra_mlp_ratios=(3, 3, 3, 1), drop_path_rate=0.3)
+BASE = DeBiFormerConfig(depths=(2, 2, 9, 2), widths=(96, 192, 384, 768),
+                        offset_groups=(1, 2, 3, 6), drop_path_rate=0.4)
+
+PRESETS = {
+    'debiformer_tiny': TINY,
+    'debiformer_small': SMALL,
+    'debiformer_base': BASE,
+}
+# The names the official code registers with timm.
+ALIASES = {'debi_tiny': 'debiformer_tiny', 'debi_small': 'debiformer_small',
+           'debi_base': 'debiformer_base'}
+
+
+def get_config(name: str, **overrides) -> DeBiFormerConfig:
+  """The preset called `name` (ours or the official alias) with fields replaced by `overrides`."""
+  canonical = ALIASES.get(name, name)
+  if canonical not in PRESETS:
+    known = sorted(PRESETS) + sorted(ALIASES)
+    raise ValueError(f'unknown model name {name!r}; known models: {", ".join(known)}.')
+  fields = {f.name for f in dataclasses.fields(DeBiFormerConfig)}
+  unknown = sorted(set(overrides) - fields)
+  if unknown:
+    raise ValueError(f'unknown model field(s) {unknown}; DeBiFormerConfig fields are: '
+                     f'{", ".join(sorted(fields))}.')
+  overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  return dataclasses.replace(PRESETS[canonical], **overrides).validate()
