@@ -1,0 +1,201 @@
+"""Flax model pieces against independent computations: sampling, routing, shapes, options."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from debiformer_jax.models import Implementation, create_model, get_config
+from debiformer_jax.models import routing
+from debiformer_jax.models.layers import DepthwiseConv
+from debiformer_jax.models.sampling import bilinear_sample, bilinear_sample_matmul
+
+# A two-stage model small enough to compile in seconds; every block kind appears once.
+SMALL_ARCH = dict(depths=(1, 1), widths=(32, 64), mlp_ratios=(2, 2),
+                  attn1_deformable=(False, True), topk1=(2, -1), topk2=(3, -1),
+                  offset_groups=(1, 2), offset_kernels=(5, 3), offset_strides=(2, 1),
+                  dbra_mlp_ratios=(2, 1), rpe_sizes=(14, 7), num_classes=10)
+SMALL_SIDE = 56  # stage maps 14 and 7, deformable grids 7 and 7.
+
+
+def tol(ref):
+  return 1e-4 * max(1.0, float(np.abs(ref).max()))
+
+
+def torch_grid_sample(features_nhwc, coords_yx):
+  """Reference: torch grid_sample(bilinear, zeros, align_corners=True) at (y, x) points."""
+  inp = torch.from_numpy(np.asarray(features_nhwc)).permute(0, 3, 1, 2)
+  grid = torch.from_numpy(np.asarray(coords_yx)[..., ::-1].copy())[:, :, None, :]  # (B,P,1,2) x,y
+  out = F.grid_sample(inp, grid, mode='bilinear', padding_mode='zeros', align_corners=True)
+  return out[:, :, :, 0].permute(0, 2, 1).numpy()  # (B, P, C)
+
+
+@pytest.mark.parametrize('sampler', [bilinear_sample, bilinear_sample_matmul])
+def test_bilinear_sampling_matches_torch_grid_sample(sampler):
+  rng = np.random.default_rng(0)
+  feats = rng.normal(size=(2, 5, 7, 3)).astype(np.float32)
+  interior = rng.uniform(-0.9, 0.9, size=(2, 40, 2))
+  edges = np.array([[-1, -1], [1, 1], [-1, 1], [1, -1], [0, 1], [1, 0], [-1, 0.3], [0.25, -1]])
+  outside = np.array([[-1.2, 0], [0, 1.3], [1.05, 1.05], [-3, -3], [-1.1, 0.999], [1.0001, 0.5]])
+  coords = np.concatenate([interior, np.broadcast_to(edges, (2,) + edges.shape),
+                           np.broadcast_to(outside, (2,) + outside.shape)], 1).astype(np.float32)
+  ref = torch_grid_sample(feats, coords)
+  got = np.asarray(sampler(jnp.asarray(feats), jnp.asarray(coords)))
+  np.testing.assert_allclose(got, ref, atol=1e-5)
+  assert np.abs(ref[:, -3]).max() == 0.0  # a point far outside samples zeros
+
+
+def test_region_partition_round_trip_and_order():
+  x = jnp.arange(2 * 6 * 4 * 1, dtype=jnp.float32).reshape(2, 6, 4, 1)
+  reg = routing.to_regions(x, 2)  # regions of 3x2
+  assert reg.shape == (2, 4, 6, 1)
+  # Region r = j*p + i covers rows 3j..3j+2 and columns 2i..2i+1, tokens row-major.
+  np.testing.assert_array_equal(reg[0, 1, :, 0], np.asarray(x[0, 0:3, 2:4, 0]).reshape(-1))
+  np.testing.assert_array_equal(reg[1, 2, :, 0], np.asarray(x[1, 3:6, 0:2, 0]).reshape(-1))
+  np.testing.assert_array_equal(routing.from_regions(reg, 2, 6, 4), x)
+
+
+@pytest.mark.parametrize('impl', ['take', 'onehot'])
+def test_routing_and_gather_match_a_plain_loop(impl):
+  rng = np.random.default_rng(1)
+  n, r, t, c, k = 2, 9, 4, 6, 3
+  q = rng.normal(size=(n, r, c)).astype(np.float32)
+  key = rng.normal(size=(n, r, c)).astype(np.float32)
+  kv = rng.normal(size=(n, r, t, c)).astype(np.float32)
+  scale = c ** -0.5
+  idx = np.asarray(routing.route(jnp.asarray(q), jnp.asarray(key), k, scale))
+  gathered = np.asarray(routing.gather_regions(jnp.asarray(kv), jnp.asarray(idx), impl))
+  for b in range(n):
+    for i in range(r):
+      scores = [(q[b, i] * scale) @ key[b, j] for j in range(r)]
+      best = sorted(range(r), key=lambda j: -scores[j])[:k]
+      assert set(idx[b, i].tolist()) == set(best)
+      expect = np.concatenate([kv[b, j] for j in idx[b, i]], 0)
+      np.testing.assert_allclose(gathered[b, i], expect, atol=1e-6)
+
+
+def test_multihead_attention_matches_a_plain_computation():
+  rng = np.random.default_rng(2)
+  q = rng.normal(size=(3, 5, 8)).astype(np.float32)
+  k = rng.normal(size=(3, 7, 8)).astype(np.float32)
+  v = rng.normal(size=(3, 7, 8)).astype(np.float32)
+  bias = rng.normal(size=(3, 2, 5, 7)).astype(np.float32)
+  got = np.asarray(routing.multihead_attention(q, k, v, 2, 0.3, bias))
+  for m in range(2):
+    sl = slice(4 * m, 4 * m + 4)
+    logits = np.einsum('bqc,bkc->bqk', q[..., sl] * 0.3, k[..., sl]) + bias[:, m]
+    attn = np.exp(logits - logits.max(-1, keepdims=True))
+    attn /= attn.sum(-1, keepdims=True)
+    np.testing.assert_allclose(got[..., sl], attn @ v[..., sl], atol=1e-5)
+
+
+@pytest.mark.parametrize('stride', [1, 2, 4])
+def test_depthwise_conv_formulations_agree(stride):
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 9, 5))
+  outs = []
+  for impl in ('grouped', 'shifted'):
+    conv = DepthwiseConv(5, stride=stride, impl=impl)
+    params = conv.init(jax.random.PRNGKey(1), x)
+    outs.append(np.asarray(conv.apply(params, x)))
+  assert outs[0].shape == (2, -(-11 // stride), -(-9 // stride), 5)
+  np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+
+
+def test_parameter_counts_match_the_official_models():
+  expected = {'debiformer_tiny': 21_495_598, 'debiformer_small': 44_008_028,
+              'debiformer_base': 95_501_926}
+  for name, count in expected.items():
+    model = create_model(name)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3))))
+    assert sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes['params'])) == count, name
+    assert set(shapes) == {'params', 'batch_stats'}
+
+
+def test_official_names_are_aliases_and_unknown_names_are_listed():
+  assert get_config('debi_small') == get_config('debiformer_small')
+  with pytest.raises(ValueError, match='debiformer_tiny.*debi_base|known models'):
+    create_model('debiformer_huge')
+  with pytest.raises(ValueError, match='unknown model field'):
+    create_model('debiformer_tiny', widht=(1,))
+
+
+def test_bad_config_values_are_named():
+  with pytest.raises(ValueError, match='head_dim'):
+    get_config('debiformer_tiny', widths=(64, 128, 250, 512))
+  with pytest.raises(ValueError, match='topk2'):
+    get_config('debiformer_tiny', topk2=(4, 8, 50, -1))
+  with pytest.raises(ValueError, match='one entry per stage'):
+    get_config('debiformer_tiny', depths=(1, 1, 1))
+
+
+@pytest.fixture(scope='module')
+def small_model():
+  model = create_model('debiformer_tiny', **SMALL_ARCH)
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, SMALL_SIDE, SMALL_SIDE, 3))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(1), x)
+  return model, variables, x
+
+
+def apply(model, variables, x, **kw):
+  """Jitted inference (eager op-by-op dispatch is far slower than one compile)."""
+  return jax.jit(lambda v, x: model.apply(v, x, **kw))(variables, x)
+
+
+def test_input_sizes_that_do_not_split_into_regions_are_refused(small_model):
+  model, variables, _ = small_model
+  with pytest.raises(ValueError, match='not divisible by n_win.*include 56, 112'):
+    apply(model, variables, jnp.zeros((1, 64, 64, 3)))
+  with pytest.raises(ValueError, match=r'NHWC'):
+    apply(model, variables, jnp.zeros((1, 3, 56, 56)))
+
+
+def test_twice_the_resolution_runs_with_the_same_weights(small_model):
+  model, variables, _ = small_model
+  logits = apply(model, variables, jnp.ones((1, 2 * SMALL_SIDE, 2 * SMALL_SIDE, 3)))
+  assert logits.shape == (1, 10) and bool(jnp.all(jnp.isfinite(logits)))
+
+
+def test_implementation_choices_give_the_same_logits(small_model):
+  model, variables, x = small_model
+  ref = np.asarray(apply(model, variables, x))
+  for impl in (Implementation(dwconv='grouped'), Implementation(sampling='matmul'),
+               Implementation(region_gather='onehot'), Implementation(remat=True)):
+    other = dataclasses.replace(model, impl=impl)
+    np.testing.assert_allclose(np.asarray(apply(other, variables, x)), ref, atol=tol(ref),
+                               err_msg=str(impl))
+
+
+def test_train_mode_updates_batch_stats_and_uses_drop_path(small_model):
+  model, variables, x = small_model
+  model = dataclasses.replace(model, config=dataclasses.replace(model.config,
+                                                                drop_path_rate=0.5))
+  run = jax.jit(lambda seed: model.apply(variables, x, train=True, mutable=['batch_stats'],
+                                         rngs={'dropout': jax.random.PRNGKey(seed)}))
+  (a, state_a), (b, _) = run(0), run(1)
+  assert not np.allclose(np.asarray(a), np.asarray(b))  # different drop-path masks
+  changed = jax.tree.map(lambda u, v: bool(jnp.any(u != v)), state_a['batch_stats'],
+                         variables['batch_stats'])
+  assert all(jax.tree.leaves(changed))
+
+  def loss(params):
+    logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                            train=True, mutable=['batch_stats'],
+                            rngs={'dropout': jax.random.PRNGKey(0)})
+    return logits.sum()
+
+  grads = jax.jit(jax.grad(loss))(variables['params'])
+  assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree.leaves(grads))
+
+
+def test_bfloat16_compute_keeps_float32_params_and_top1(small_model):
+  model, variables, x = small_model
+  ref = np.asarray(apply(model, variables, x))
+  out = np.asarray(apply(dataclasses.replace(model, dtype=jnp.bfloat16), variables, x))
+  assert out.dtype == np.float32
+  assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(variables['params']))
+  assert np.abs(out - ref).max() < 0.1 * max(1.0, np.abs(ref).max())
+  np.testing.assert_array_equal(out.argmax(-1), ref.argmax(-1))
