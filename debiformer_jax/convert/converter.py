@@ -16,7 +16,7 @@ import numpy as np
 
 from debiformer_jax.convert.name_map import TRANSFORMS, name_map
 from debiformer_jax.convert.reader import read_torch_state_dict
-from debiformer_jax.models import PRESETS, DeBiFormerConfig, create_model, get_config
+from debiformer_jax.models import PRESETS, DeBiFormer, DeBiFormerConfig, get_config
 
 _SHOW = 12
 
@@ -29,14 +29,10 @@ def _listing(items) -> str:
 
 def abstract_variables(cfg: DeBiFormerConfig):
   """Shapes of the Flax variables of a model built from `cfg` (no computation)."""
-  model = create_model('debiformer_tiny', **_fields(cfg))
+  model = DeBiFormer(cfg)
   side = cfg.valid_input_sizes(1)[0]
   x = jax.ShapeDtypeStruct((1, side, side, cfg.in_chans), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
-
-
-def _fields(cfg: DeBiFormerConfig) -> dict:
-  return {f: getattr(cfg, f) for f in cfg.__dataclass_fields__}
 
 
 def checkpoint_architecture(state_dict: Mapping[str, np.ndarray]) -> Optional[str]:

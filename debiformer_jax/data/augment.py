@@ -1,0 +1,278 @@
+"""Per-example image ops for the tf.data input pipeline (no RandAugment: see randaugment.py).
+
+Conventions: images are HWC (NHWC once batched), RGB. "uint8" images hold 0..255; the
+normalised float32 image is `(x - MEAN_RGB) / STD_RGB` with mean/std on the 0..255 scale.
+Every random op takes an explicit stateless seed (int32/int64 tensor of shape [2]) so that
+a pipeline built from them is a pure function of its seeds. Each op works inside
+`tf.data.Dataset.map` (graph mode, dynamic height/width).
+
+Semantics follow torchvision / timm (RandomResizedCrop, RandomHorizontalFlip, Resize +
+CenterCrop, RandomErasing) on PIL images; the bicubic resize reproduces PIL's
+fixed-point resampler exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence, Tuple
+
+import tensorflow as tf
+
+MEAN_RGB = (0.485 * 255, 0.456 * 255, 0.406 * 255)
+STD_RGB = (0.229 * 255, 0.224 * 255, 0.225 * 255)
+# ImageNet mean pixel rounded to integers; the fill colour of RandAugment's geometric ops.
+FILL_RGB = (124, 116, 104)
+
+_CROP_ATTEMPTS = 10
+
+
+def split_seed(seed: tf.Tensor, num: int) -> tf.Tensor:
+  """`num` independent stateless seeds ([num, 2]) derived from one seed ([2])."""
+  return tf.random.experimental.stateless_split(seed, num)
+
+
+def _uniform(seed, shape=(), minval=0.0, maxval=1.0):
+  return tf.random.stateless_uniform(shape, seed=seed, minval=minval, maxval=maxval,
+                                     dtype=tf.float32)
+
+
+def decode_image(data: tf.Tensor) -> tf.Tensor:
+  """Decodes JPEG/PNG/GIF/BMP bytes to uint8 [H, W, 3] (grayscale and RGBA become RGB)."""
+
+  def _jpeg():
+    return tf.io.decode_jpeg(data, channels=3, dct_method='INTEGER_ACCURATE')
+
+  def _other():
+    return tf.io.decode_image(data, channels=3, expand_animations=False)
+
+  image = tf.cond(tf.io.is_jpeg(data), _jpeg, _other)
+  image.set_shape([None, None, 3])
+  return image
+
+
+def to_uint8(image: tf.Tensor) -> tf.Tensor:
+  """Rounds and clips a float image to uint8 (what PIL does when it writes 8-bit pixels)."""
+  return tf.cast(tf.clip_by_value(tf.round(image), 0.0, 255.0), tf.uint8)
+
+
+_PRECISION_BITS = 22  # PIL's fixed-point resampling precision for 8-bit images.
+
+
+def _bicubic_kernel(x: tf.Tensor) -> tf.Tensor:
+  """Keys cubic with a = -0.5, PIL's expression order (float64)."""
+  a = -0.5
+  x = tf.abs(x)
+  near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+  far = (((x - 5.0) * x + 8.0) * x - 4.0) * a
+  return tf.where(x < 1.0, near, tf.where(x < 2.0, far, tf.zeros_like(x)))
+
+
+def _resample_matrix(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.SparseTensor:
+  """PIL's bicubic resampling weights along one axis as an [out, in] sparse matrix of
+  fixed-point integers (stored as float64): support widened by the scale when shrinking
+  (antialiasing), taps normalised to sum 1, then rounded to 22-bit fixed point."""
+  in_f = tf.cast(in_size, tf.float64)
+  scale = in_f / tf.cast(out_size, tf.float64)
+  filter_scale = tf.maximum(scale, 1.0)
+  support = 2.0 * filter_scale
+  ksize = tf.cast(tf.math.ceil(support), tf.int32) * 2 + 1
+  center = (tf.cast(tf.range(out_size), tf.float64) + 0.5) * scale
+  xmin = tf.maximum(tf.floor(center - support + 0.5), 0.0)
+  xmax = tf.minimum(tf.floor(center + support + 0.5), in_f) - xmin
+  taps = tf.cast(tf.range(ksize), tf.float64)[None, :]
+  valid = taps < xmax[:, None]
+  w = _bicubic_kernel(((taps + xmin[:, None]) - center[:, None] + 0.5) / filter_scale)
+  w = tf.where(valid, w, 0.0)
+  total = tf.reduce_sum(w, axis=1, keepdims=True)
+  w = tf.where(total != 0.0, w / tf.where(total != 0.0, total, 1.0), w)
+  one = float(1 << _PRECISION_BITS)
+  w = tf.where(w < 0, tf.math.ceil(-0.5 + w * one), tf.floor(0.5 + w * one))
+  rows = tf.broadcast_to(tf.range(out_size)[:, None], tf.shape(w))
+  cols = tf.cast(taps + xmin[:, None], tf.int32)
+  indices = tf.cast(tf.stack([tf.boolean_mask(rows, valid), tf.boolean_mask(cols, valid)],
+                             axis=1), tf.int64)
+  return tf.SparseTensor(indices, tf.boolean_mask(w, valid),
+                         tf.cast(tf.stack([out_size, in_size]), tf.int64))
+
+
+def _resample_rows(image: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
+  """Resamples axis 0 of uint8 [N, M, C] to `out_size` rows, as PIL's 8-bit pass."""
+  shape = tf.shape(image)
+  matrix = _resample_matrix(shape[0], out_size)
+  flat = tf.reshape(tf.cast(image, tf.float64), [shape[0], -1])
+  # Exact: integer weights times 8-bit values stay far below 2**53.
+  acc = tf.sparse.sparse_dense_matmul(matrix, flat) + float(1 << (_PRECISION_BITS - 1))
+  out = tf.clip_by_value(tf.floor(acc / float(1 << _PRECISION_BITS)), 0.0, 255.0)
+  return tf.reshape(tf.cast(out, tf.uint8), tf.concat([[out_size], shape[1:]], 0))
+
+
+def resize_bicubic(image: tf.Tensor, height, width) -> tf.Tensor:
+  """PIL `Image.resize((width, height), BICUBIC)` of a uint8 [H, W, 3] image, bit-exact:
+  horizontal pass, rounding to uint8, then vertical pass; a pass whose size does not
+  change is skipped."""
+  image = tf.convert_to_tensor(image, tf.uint8)
+  height = tf.convert_to_tensor(height, tf.int32)
+  width = tf.convert_to_tensor(width, tf.int32)
+  shape = tf.shape(image)
+  out = tf.cond(
+      tf.equal(shape[1], width), lambda: image,
+      lambda: tf.transpose(_resample_rows(tf.transpose(image, [1, 0, 2]), width), [1, 0, 2]))
+  out = tf.cond(tf.equal(shape[0], height), lambda: out, lambda: _resample_rows(out, height))
+  out.set_shape([None, None, 3])
+  return out
+
+
+def sample_crop_window(seed, height, width, scale=(0.08, 1.0),
+                       ratio=(3.0 / 4.0, 4.0 / 3.0)) -> Tuple[tf.Tensor, ...]:
+  """torchvision's RandomResizedCrop.get_params: (top, left, crop_h, crop_w), int32.
+
+  Ten attempts, each with an area fraction ~ U(scale) and a log-uniform aspect ratio;
+  the first attempt that fits wins. If none fits, the centre crop of the whole image
+  with its aspect ratio clamped into `ratio` is used.
+  """
+  h = tf.cast(height, tf.float32)
+  w = tf.cast(width, tf.float32)
+  s_area, s_ratio, s_top, s_left = tf.unstack(split_seed(seed, 4))
+  area = h * w * _uniform(s_area, [_CROP_ATTEMPTS], scale[0], scale[1])
+  log_r = _uniform(s_ratio, [_CROP_ATTEMPTS], math.log(ratio[0]), math.log(ratio[1]))
+  aspect = tf.exp(log_r)
+  cw = tf.round(tf.sqrt(area * aspect))
+  ch = tf.round(tf.sqrt(area / aspect))
+  fits = (cw > 0) & (cw <= w) & (ch > 0) & (ch <= h)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  # torch.randint(0, n + 1): offsets uniform over every position the crop fits in.
+  top = tf.floor(_uniform(s_top, [_CROP_ATTEMPTS]) * (h - ch + 1.0))
+  left = tf.floor(_uniform(s_left, [_CROP_ATTEMPTS]) * (w - cw + 1.0))
+
+  in_ratio = w / h
+  fb_w = tf.where(in_ratio < ratio[0], w,
+                  tf.where(in_ratio > ratio[1], tf.round(h * ratio[1]), w))
+  fb_h = tf.where(in_ratio < ratio[0], tf.round(w / ratio[0]), h)
+  fb_top = tf.floor((h - fb_h) / 2.0)
+  fb_left = tf.floor((w - fb_w) / 2.0)
+
+  found = tf.reduce_any(fits)
+  pick = lambda v, fb: tf.cast(tf.where(found, v[first], fb), tf.int32)
+  return pick(top, fb_top), pick(left, fb_left), pick(ch, fb_h), pick(cw, fb_w)
+
+
+def random_resized_crop(image: tf.Tensor, seed: tf.Tensor, size: int,
+                        scale: Sequence[float] = (0.08, 1.0),
+                        ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+                        decode_and_crop: bool = True) -> tf.Tensor:
+  """RandomResizedCrop to uint8 [size, size, 3], bicubic.
+
+  `image` is either a decoded uint8 [H, W, 3] image or a scalar string of encoded bytes.
+  With `decode_and_crop`, encoded JPEGs go through `decode_and_crop_jpeg`, which decodes
+  only the window: much faster, but with chroma-subsampled JPEGs pixels next to the
+  window's edge can differ by a level or two from decoding the whole image and cropping.
+  """
+  image = tf.convert_to_tensor(image)
+  if image.dtype == tf.string and not decode_and_crop:
+    image = decode_image(image)
+  if image.dtype == tf.string:
+    data = image
+
+    def _jpeg():
+      shape = tf.image.extract_jpeg_shape(data)
+      top, left, ch, cw = sample_crop_window(seed, shape[0], shape[1], scale, ratio)
+      return tf.image.decode_and_crop_jpeg(data, tf.stack([top, left, ch, cw]), channels=3,
+                                           dct_method='INTEGER_ACCURATE')
+
+    def _other():
+      decoded = decode_image(data)
+      shape = tf.shape(decoded)
+      top, left, ch, cw = sample_crop_window(seed, shape[0], shape[1], scale, ratio)
+      return decoded[top:top + ch, left:left + cw]
+
+    crop = tf.cond(tf.io.is_jpeg(data), _jpeg, _other)
+  else:
+    shape = tf.shape(image)
+    top, left, ch, cw = sample_crop_window(seed, shape[0], shape[1], scale, ratio)
+    crop = image[top:top + ch, left:left + cw]
+  crop.set_shape([None, None, 3])
+  out = resize_bicubic(crop, size, size)
+  out.set_shape([size, size, 3])
+  return out
+
+
+def random_flip(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.5) -> tf.Tensor:
+  """Mirrors the image left-right with probability `prob`."""
+  image = tf.convert_to_tensor(image)
+  flip = _uniform(seed) < prob
+  return tf.cond(flip, lambda: tf.reverse(image, axis=[1]), lambda: image)
+
+
+def normalize(image: tf.Tensor) -> tf.Tensor:
+  """uint8 (or 0..255 float) RGB -> float32 `(x - MEAN_RGB) / STD_RGB`."""
+  image = tf.cast(image, tf.float32)
+  return (image - tf.constant(MEAN_RGB)) / tf.constant(STD_RGB)
+
+
+def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25,
+                   min_area: float = 0.02, max_area: float = 1.0 / 3.0,
+                   min_aspect: float = 0.3, max_aspect: float | None = None) -> tf.Tensor:
+  """timm RandomErasing, mode 'pixel', one box: on the normalised float image.
+
+  With probability `prob` a box of area fraction U(min_area, max_area) and log-uniform
+  aspect ratio (h/w) in [min_aspect, 1/min_aspect] is filled with per-pixel, per-channel
+  N(0, 1) noise. Ten attempts; an attempt fits when the box is strictly smaller than the
+  image on both sides; if none fits nothing is erased.
+  """
+  image = tf.convert_to_tensor(image)
+  if prob <= 0.0:
+    return image
+  max_aspect = max_aspect or 1.0 / min_aspect
+  s_do, s_area, s_aspect, s_top, s_left, s_noise = tf.unstack(split_seed(seed, 6))
+  shape = tf.shape(image)
+  h = tf.cast(shape[0], tf.float32)
+  w = tf.cast(shape[1], tf.float32)
+  area = h * w * _uniform(s_area, [_CROP_ATTEMPTS], min_area, max_area)
+  aspect = tf.exp(_uniform(s_aspect, [_CROP_ATTEMPTS], math.log(min_aspect),
+                           math.log(max_aspect)))
+  eh = tf.round(tf.sqrt(area * aspect))
+  ew = tf.round(tf.sqrt(area / aspect))
+  fits = (ew < w) & (eh < h)
+  first = tf.argmax(tf.cast(fits, tf.int32), output_type=tf.int32)
+  # random.randint(0, n - e): inclusive on both ends.
+  top = tf.floor(_uniform(s_top, [_CROP_ATTEMPTS]) * (h - eh + 1.0))[first]
+  left = tf.floor(_uniform(s_left, [_CROP_ATTEMPTS]) * (w - ew + 1.0))[first]
+  eh, ew = eh[first], ew[first]
+  rows = tf.cast(tf.range(shape[0]), tf.float32)[:, None]
+  cols = tf.cast(tf.range(shape[1]), tf.float32)[None, :]
+  inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+  erase = (_uniform(s_do) < prob) & tf.reduce_any(fits)
+  noise = tf.random.stateless_normal(shape, seed=s_noise, dtype=image.dtype)
+  return tf.where((inside & erase)[:, :, None], noise, image)
+
+
+def eval_resize_size(size: int, crop_pct: float) -> int:
+  """Shorter-side size before the centre crop: floor(size / crop_pct) (224, 0.875 -> 256)."""
+  return int(math.floor(size / crop_pct))
+
+
+def resize_shorter_center_crop(image: tf.Tensor, size: int, crop_pct: float = 0.875) -> tf.Tensor:
+  """Eval transform: bicubic resize of the shorter side to `eval_resize_size`, centre crop.
+
+  `image` is uint8 [H, W, 3] or encoded bytes; returns uint8 [size, size, 3].
+  torchvision rounding: the longer side becomes int(short_new * long / short), the crop
+  offset is round((n - size) / 2) (round half to even).
+  """
+  image = tf.convert_to_tensor(image)
+  if image.dtype == tf.string:
+    image = decode_image(image)
+  target = eval_resize_size(size, crop_pct)
+  shape = tf.shape(image)
+  h = tf.cast(shape[0], tf.float64)
+  w = tf.cast(shape[1], tf.float64)
+  short = tf.minimum(h, w)
+  scaled = lambda n: tf.cast(tf.floor(target * n / short), tf.int32)
+  new_h = tf.where(h <= w, target, scaled(h))
+  new_w = tf.where(w <= h, target, scaled(w))
+  resized = tf.cond((new_h == shape[0]) & (new_w == shape[1]), lambda: image,
+                    lambda: resize_bicubic(image, new_h, new_w))
+  top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
+  left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
+  out = resized[top:top + size, left:left + size]
+  out.set_shape([size, size, 3])
+  return out

@@ -1,0 +1,504 @@
+"""Datasets, the data config, and the train/eval input pipelines.
+
+tf.data runs on the host and yields numpy batches; the training loop turns them into
+global jax.Arrays. Batches are dicts of
+  'image': float32 [local_batch, H, W, 3], normalised with ImageNet mean/std (augment.py),
+  'label': int32 [local_batch],
+and, for eval, 'mask': float32 [local_batch] (1 real example, 0 padding).
+local_batch = global_batch_size // process_count; every process reads its own contiguous
+shard of each split.
+
+Sources: 'imagenet2012' through tfds (prepared TFRecords), and 'imagefolder'
+(root/<split>/<class>/*.{jpg,jpeg,png}) through tfds.folder_dataset.ImageFolder, which
+sorts class names as torchvision does (over the union of the splits' class folders).
+
+Determinism: the train stream is a pure function of (seed, process index, stream
+position). Augmentation seeds are folded from the position, so `start_step=n` skips
+n * local_batch positions before any decoding and continues bit-for-bit. ImageFolder
+shards are reshuffled every epoch with a stateless full permutation (no shuffle buffer);
+tfds record shards are read in file order and shuffled with a `shuffle_buffer` seeded per
+epoch, so resuming there re-reads (without decoding) at most one epoch of records.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator, List, Optional, Tuple
+
+import jax
+import ml_collections
+from ml_collections import config_dict
+import numpy as np
+import tensorflow as tf
+import tensorflow_datasets as tfds
+
+from debiformer_jax.data import augment
+from debiformer_jax.data import randaugment
+
+
+def _hide_accelerators_from_tf() -> None:
+  """Keeps TensorFlow off GPUs/TPUs: they belong to JAX."""
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # Already initialised, or no such device type.
+      pass
+
+
+_hide_accelerators_from_tf()
+
+NAMES = ('imagenet2012', 'imagefolder')
+PREPARE = ('', 'sklearn_digits')
+_DEFAULT_EVAL_SPLIT = {'imagenet2012': 'validation', 'imagefolder': 'val'}
+_FOREVER = 2 ** 62
+
+_IMAGENET_HELP = (
+    'To prepare it once: put ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar '
+    '(from image-net.org) in a directory DIR and run with '
+    '--config.data.download=True --config.data.manual_dir=DIR '
+    '(and --config.data.data_dir=... to choose where the prepared TFRecords go, '
+    'about 150 GB).')
+
+
+# ---------------------------------------------------------------------------------------
+# Config.
+
+
+def default_data_config(name: str = 'imagenet2012') -> ml_collections.ConfigDict:
+  """The data config with the official ImageNet-1k recipe's augmentation defaults."""
+  if name not in NAMES:
+    raise ValueError(f'data.name={name!r} is invalid: must be one of {list(NAMES)}.')
+  c = ml_collections.ConfigDict()
+  c.name = name
+  c.data_dir = config_dict.placeholder(str)  # tfds data dir; None = tfds default.
+  c.manual_dir = config_dict.placeholder(str)  # Where the ILSVRC2012 tars are.
+  c.download = False  # Run tfds download_and_prepare (from manual_dir) if missing.
+  c.folder = config_dict.placeholder(str)  # ImageFolder root.
+  c.prepare = ''  # '' or 'sklearn_digits' (write the demo ImageFolder into `folder`).
+  c.train_split = 'train'
+  c.eval_split = _DEFAULT_EVAL_SPLIT[name]
+  c.eval_crop_pct = 0.875
+  c.randaugment = 'rand-m9-mstd0.5-inc1'  # '' = off.
+  c.random_erase = 0.25
+  c.hflip = True
+  c.rrc_scale = (0.08, 1.0)
+  c.mixup = 0.8
+  c.cutmix = 1.0
+  c.mixup_switch_prob = 0.5
+  c.label_smoothing = 0.1
+  c.shuffle_buffer = 16384
+  c.cache = False  # Keep this process's encoded images in memory.
+  c.num_parallel_calls = -1  # -1 = AUTOTUNE.
+  return c
+
+
+_FIELDS = tuple(default_data_config().keys())
+
+
+def _is_number(v) -> bool:
+  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
+
+
+def validate_data_config(cfg) -> None:
+  """Raises ValueError naming the first bad field and what it may be."""
+
+  def bad(field, allowed):
+    raise ValueError(f'data.{field}={cfg.get(field)!r} is invalid: {allowed}.')
+
+  keys = set(cfg.keys())
+  if keys - set(_FIELDS):
+    raise ValueError(f'data config has unknown field(s) {sorted(keys - set(_FIELDS))}; '
+                     f'known fields: {list(_FIELDS)}.')
+  if set(_FIELDS) - keys:
+    raise ValueError(f'data config lacks field(s) {sorted(set(_FIELDS) - keys)}; '
+                     f'start from default_data_config().')
+  if cfg.name not in NAMES:
+    bad('name', f'must be one of {list(NAMES)}')
+  if cfg.prepare not in PREPARE:
+    bad('prepare', f'must be one of {list(PREPARE)}')
+  for field in ('data_dir', 'manual_dir', 'folder'):
+    if cfg.get(field) is not None and not isinstance(cfg.get(field), str):
+      bad(field, 'must be a path (string) or None')
+  if cfg.prepare == 'sklearn_digits' and cfg.name != 'imagefolder':
+    bad('prepare', "'sklearn_digits' writes an ImageFolder, so it needs data.name='imagefolder'")
+  if cfg.name == 'imagefolder' and not cfg.folder:
+    bad('folder', 'data.name=imagefolder needs the ImageFolder root '
+        '(root/<split>/<class>/*.jpg|jpeg|png)')
+  if not isinstance(cfg.download, bool):
+    bad('download', 'must be True or False')
+  if cfg.download and cfg.name == 'imagefolder':
+    bad('download', 'only tfds datasets (imagenet2012) are downloaded; '
+        'use data.prepare for the demo folder')
+  if cfg.download and not cfg.manual_dir:
+    bad('manual_dir', 'data.download=True needs the directory holding '
+        'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar')
+  for field in ('train_split', 'eval_split'):
+    if not isinstance(cfg.get(field), str) or not cfg.get(field):
+      bad(field, 'must be a non-empty split name (e.g. '
+          f'{"train" if field == "train_split" else _DEFAULT_EVAL_SPLIT[cfg.name]!r})')
+  if not _is_number(cfg.eval_crop_pct) or not 0 < cfg.eval_crop_pct <= 1:
+    bad('eval_crop_pct', 'must be a number in (0, 1] (0.875: 224 crop of a 256 resize)')
+  if not isinstance(cfg.randaugment, str):
+    bad('randaugment', "must be a timm policy string like 'rand-m9-mstd0.5-inc1' or ''")
+  if cfg.randaugment:
+    try:
+      randaugment.parse_randaugment(cfg.randaugment)
+    except ValueError as e:
+      raise ValueError(f'data.randaugment={cfg.randaugment!r} is invalid: {e} '
+                       "Use e.g. 'rand-m9-mstd0.5-inc1', or '' for none.") from None
+  if not _is_number(cfg.random_erase) or not 0 <= cfg.random_erase <= 1:
+    bad('random_erase', 'must be a probability in [0, 1]')
+  if not isinstance(cfg.hflip, bool):
+    bad('hflip', 'must be True or False')
+  scale = cfg.rrc_scale
+  if (not isinstance(scale, (tuple, list)) or len(scale) != 2
+      or not all(_is_number(v) for v in scale) or not 0 < scale[0] <= scale[1] <= 1):
+    bad('rrc_scale', 'must be a pair (lo, hi) with 0 < lo <= hi <= 1')
+  for field in ('mixup', 'cutmix'):
+    if not _is_number(cfg.get(field)) or cfg.get(field) < 0:
+      bad(field, 'must be a Beta alpha >= 0 (0 disables it)')
+  if not _is_number(cfg.mixup_switch_prob) or not 0 <= cfg.mixup_switch_prob <= 1:
+    bad('mixup_switch_prob', 'must be a probability in [0, 1]')
+  if not _is_number(cfg.label_smoothing) or not 0 <= cfg.label_smoothing < 1:
+    bad('label_smoothing', 'must be in [0, 1)')
+  if (not isinstance(cfg.shuffle_buffer, (int, np.integer)) or isinstance(cfg.shuffle_buffer, bool)
+      or cfg.shuffle_buffer < 0):
+    bad('shuffle_buffer', 'must be an integer >= 0 (0 or 1: no shuffle buffer)')
+  if not isinstance(cfg.cache, bool):
+    bad('cache', 'must be True or False')
+  npc = cfg.num_parallel_calls
+  if (not isinstance(npc, (int, np.integer)) or isinstance(npc, bool)
+      or not (npc == -1 or npc >= 1)):
+    bad('num_parallel_calls', 'must be -1 (AUTOTUNE) or a positive integer')
+
+
+# ---------------------------------------------------------------------------------------
+# Sources.
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+  num_classes: int
+  num_train: int
+  num_eval: int
+  train_split: str
+  eval_split: str
+  class_names: Tuple[str, ...] = ()
+
+
+def process_shard(num_examples: int, process_index: Optional[int] = None,
+                  process_count: Optional[int] = None) -> Tuple[int, int]:
+  """[start, end) of this process's contiguous share of `num_examples` (sizes differ by
+  at most one)."""
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f'process_index {index} is not in [0, {count}).')
+  return num_examples * index // count, num_examples * (index + 1) // count
+
+
+class _Source:
+  """One dataset: split sizes, class names, and the encoded examples of a process shard."""
+
+  def __init__(self, cfg):
+    self.cfg = cfg
+    if cfg.prepare == 'sklearn_digits':
+      from debiformer_jax.data import demo  # pylint: disable=g-import-not-at-top
+      demo.prepare_digits_imagefolder(cfg.folder)
+    if cfg.name == 'imagefolder':
+      self.builder = _imagefolder_builder(cfg.folder)
+    else:
+      self.builder = _tfds_builder(cfg)
+    self.is_folder = cfg.name == 'imagefolder'
+
+  @property
+  def class_names(self) -> Tuple[str, ...]:
+    return tuple(self.builder.info.features['label'].names)
+
+  def _check(self, split: str, field: str) -> None:
+    known = list(self.builder.info.splits.keys())
+    where = (f'the ImageFolder {self.builder.data_dir}' if self.is_folder
+             else f'{self.cfg.name} in {self.builder.data_dir}')
+    if self.is_folder and split not in known:
+      raise ValueError(f'data.{field}={split!r}: {where} has no such split (sub-folder); '
+                       f'found {known}.')
+    try:
+      self.builder.info.splits[split]
+    except (KeyError, ValueError, AssertionError) as e:
+      raise ValueError(f'data.{field}={split!r}: not a split of {where}; found {known} '
+                       f'({e}).') from None
+
+  def num_examples(self, split: str, field: str) -> int:
+    self._check(split, field)
+    return int(self.builder.info.splits[split].num_examples)
+
+  def shard_sizes(self, split: str, field: str, process_count: int) -> List[int]:
+    n = self.num_examples(split, field)
+    if self.is_folder:
+      return [e - s for s, e in (process_shard(n, i, process_count)
+                                 for i in range(process_count))]
+    return [int(self.builder.info.splits[sub].num_examples)
+            for sub in tfds.even_splits(split, n=process_count)]
+
+  def folder_examples(self, split: str, process_index: int, process_count: int):
+    """(paths, labels) numpy arrays of the shard, in the builder's fixed order."""
+    examples = getattr(self.builder, '_split_examples', None)
+    if examples is None:
+      raise RuntimeError('tfds ImageFolder no longer exposes its file list '
+                         '(_split_examples); this tfds version is not supported.')
+    examples = examples[split]
+    start, end = process_shard(len(examples), process_index, process_count)
+    label_feature = self.builder.info.features['label']
+    paths = np.array([ex.image_path for ex in examples[start:end]], dtype=object)
+    labels = np.array([label_feature.str2int(ex.label) for ex in examples[start:end]],
+                      dtype=np.int64)
+    return paths, labels
+
+  def record_dataset(self, split: str, process_index: int, process_count: int,
+                     count: int) -> tf.data.Dataset:
+    """tfds records of the shard as (encoded image, label), in file order."""
+    subsplit = tfds.even_splits(split, n=process_count)[process_index]
+    ds = self.builder.as_dataset(split=subsplit, shuffle_files=False,
+                                 decoders={'image': tfds.decode.SkipDecoding()})
+    return ds.map(_plain(lambda ex: (ex['image'], ex['label']))).take(count)
+
+
+def _imagefolder_builder(root: str):
+  root = os.path.expanduser(root)
+  if not tf.io.gfile.isdir(root):
+    raise FileNotFoundError(
+        f'data.folder={root!r} does not exist. Expected an ImageFolder: '
+        f'{root}/train/<class>/*.jpg and {root}/val/<class>/*.jpg '
+        f"(or data.prepare='sklearn_digits' to write the demo digits there).")
+  builder = tfds.folder_dataset.ImageFolder(root)
+  if not builder.info.splits:
+    raise FileNotFoundError(f'data.folder={root!r} has no split sub-folders; expected '
+                            f'{root}/<split>/<class>/<image>.')
+  return builder
+
+
+def _tfds_builder(cfg):
+  builder = tfds.builder(cfg.name, data_dir=cfg.data_dir)
+  if builder.is_prepared():
+    return builder
+  if not cfg.download:
+    raise FileNotFoundError(
+        f'{cfg.name} is not prepared in {builder.data_dir}. {_IMAGENET_HELP}')
+  if not cfg.manual_dir:
+    raise ValueError(f'data.download=True needs data.manual_dir. {_IMAGENET_HELP}')
+  manual_dir = os.path.expanduser(cfg.manual_dir)
+  missing = [f for f in ('ILSVRC2012_img_train.tar', 'ILSVRC2012_img_val.tar')
+             if not tf.io.gfile.exists(os.path.join(manual_dir, f))]
+  if cfg.name == 'imagenet2012' and missing:
+    raise FileNotFoundError(f'data.manual_dir={manual_dir!r} lacks {missing}. '
+                            f'{_IMAGENET_HELP}')
+  builder.download_and_prepare(
+      download_config=tfds.download.DownloadConfig(manual_dir=manual_dir))
+  return builder
+
+
+def dataset_info(config) -> DatasetInfo:
+  """Sizes and class count of the configured dataset (prepares the demo folder first)."""
+  validate_data_config(config)
+  source = _Source(config)
+  return DatasetInfo(
+      num_classes=len(source.class_names),
+      num_train=source.num_examples(config.train_split, 'train_split'),
+      num_eval=source.num_examples(config.eval_split, 'eval_split'),
+      train_split=config.train_split, eval_split=config.eval_split,
+      class_names=source.class_names)
+
+
+# ---------------------------------------------------------------------------------------
+# Pipelines.
+
+
+def _process(process_index, process_count) -> Tuple[int, int]:
+  index = jax.process_index() if process_index is None else process_index
+  count = jax.process_count() if process_count is None else process_count
+  if not 0 <= index < count:
+    raise ValueError(f'process_index {index} is not in [0, {count}).')
+  return index, count
+
+
+def _local_batch(global_batch_size: int, process_count: int) -> int:
+  if global_batch_size <= 0 or global_batch_size % process_count:
+    raise ValueError(f'global_batch_size {global_batch_size} must be a positive multiple '
+                     f'of the process count {process_count}.')
+  return global_batch_size // process_count
+
+
+def _plain(fn):
+  """Map functions here have no Python control flow on tensors: skip AutoGraph (slow)."""
+  return tf.autograph.experimental.do_not_convert(fn)
+
+
+def _options() -> tf.data.Options:
+  options = tf.data.Options()
+  options.deterministic = True
+  options.experimental_optimization.map_parallelization = True
+  options.threading.max_intra_op_parallelism = 1
+  return options
+
+
+def _parallelism(cfg):
+  return tf.data.AUTOTUNE if cfg.num_parallel_calls == -1 else cfg.num_parallel_calls
+
+
+def _read_all(paths: np.ndarray) -> tf.Tensor:
+  """The files' bytes as a string tensor (for data.cache on ImageFolder)."""
+  out = []
+  for p in paths:
+    with tf.io.gfile.GFile(p, 'rb') as f:
+      out.append(f.read())
+  return tf.constant(out, tf.string, shape=[len(out)])
+
+
+def _seed_int(key: tf.Tensor) -> tf.Tensor:
+  """A non-negative int64 seed for ops (shuffle) that take one integer."""
+  return tf.random.stateless_uniform([], seed=key, minval=0, maxval=2 ** 31 - 1,
+                                     dtype=tf.int64)
+
+
+def create_train_iterator(data_config, *, global_batch_size: int, image_size: int,
+                          seed: int, start_step: int = 0,
+                          process_index: Optional[int] = None,
+                          process_count: Optional[int] = None) -> Iterator[dict]:
+  """Infinite iterator of augmented train batches for this process (see module doc).
+
+  `start_step=n` yields exactly the batches an uninterrupted iterator yields from its
+  (n+1)-th on. `process_index` / `process_count` default to JAX's.
+  """
+  cfg = data_config
+  validate_data_config(cfg)
+  index, count = _process(process_index, process_count)
+  local_batch = _local_batch(global_batch_size, count)
+  if start_step < 0:
+    raise ValueError(f'start_step must be >= 0, got {start_step}.')
+  source = _Source(cfg)
+  n = source.shard_sizes(cfg.train_split, 'train_split', count)[index]
+  if n == 0:
+    raise ValueError(f'process {index} of {count} has no examples of split '
+                     f'{cfg.train_split!r}.')
+  ra_params = randaugment.parse_randaugment(cfg.randaugment) if cfg.randaugment else None
+  scale = tuple(float(v) for v in cfg.rrc_scale)
+
+  base_key = tf.constant([seed, index], tf.int64)
+  order_key = tf.random.experimental.stateless_fold_in(base_key, 1)
+  augment_key = tf.random.experimental.stateless_fold_in(base_key, 2)
+  start = start_step * local_batch
+
+  def preprocess(data, label, position):
+    key = tf.random.experimental.stateless_fold_in(augment_key, position)
+    s_crop, s_flip, s_ra, s_erase = tf.unstack(augment.split_seed(key, 4))
+    image = augment.random_resized_crop(data, s_crop, image_size, scale=scale)
+    if cfg.hflip:
+      image = augment.random_flip(image, s_flip)
+    if ra_params is not None:
+      image = randaugment.rand_augment(image, s_ra, ra_params)
+    image = augment.normalize(image)
+    if cfg.random_erase > 0:
+      image = augment.random_erasing(image, s_erase, cfg.random_erase)
+    return {'image': image, 'label': tf.cast(label, tf.int32)}
+
+  if source.is_folder:
+    paths, labels = source.folder_examples(cfg.train_split, index, count)
+    contents = _read_all(paths) if cfg.cache else tf.constant(paths.astype(str), tf.string)
+    labels = tf.constant(labels)
+
+    def fetch(position):
+      epoch_key = tf.random.experimental.stateless_fold_in(order_key, position // n)
+      j = tf.random.experimental.index_shuffle(position % n, epoch_key,
+                                               tf.constant(n - 1, tf.int64))
+      data = tf.gather(contents, j)
+      if not cfg.cache:
+        data = tf.io.read_file(data)
+      return preprocess(data, tf.gather(labels, j), position)
+
+    ds = tf.data.Dataset.range(start, _FOREVER).map(
+        _plain(fetch), num_parallel_calls=_parallelism(cfg))
+  else:
+    records = source.record_dataset(cfg.train_split, index, count, n)
+    if cfg.cache:
+      records = records.cache()
+    buffer = min(int(cfg.shuffle_buffer), n)
+
+    def epoch(e):
+      if buffer <= 1:
+        return records
+      key = tf.random.experimental.stateless_fold_in(order_key, e)
+      return records.shuffle(buffer, seed=_seed_int(key), reshuffle_each_iteration=False)
+
+    first_epoch, offset = divmod(start, n)
+    ds = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(epoch).skip(offset)
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(start, _FOREVER)))
+    ds = ds.map(_plain(lambda record, position: preprocess(record[0], record[1], position)),
+                num_parallel_calls=_parallelism(cfg))
+
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return ds.with_options(_options()).as_numpy_iterator()
+
+
+class EvalIterable:
+  """Re-iterable eval batches: each `iter()` starts a fresh pass over the split.
+
+  Every process yields `num_batches` batches; padding examples have mask 0 and label 0.
+  """
+
+  def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int,
+               local_examples: int):
+    self.dataset = dataset
+    self.num_batches = num_batches
+    self.num_examples = num_examples  # In the whole split, over all processes.
+    self.local_examples = local_examples  # Real examples of this process.
+
+  def __iter__(self) -> Iterator[dict]:
+    return self.dataset.as_numpy_iterator()
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+
+def create_eval_iterator(data_config, *, global_batch_size: int, image_size: int,
+                         process_index: Optional[int] = None,
+                         process_count: Optional[int] = None) -> EvalIterable:
+  """Eval batches (resize shorter side to size / eval_crop_pct, centre crop), padded and
+  masked so that every example of the split counts exactly once over all processes."""
+  cfg = data_config
+  validate_data_config(cfg)
+  index, count = _process(process_index, process_count)
+  local_batch = _local_batch(global_batch_size, count)
+  source = _Source(cfg)
+  sizes = source.shard_sizes(cfg.eval_split, 'eval_split', count)
+  n = sizes[index]
+  num_batches = -(-max(sizes) // local_batch)
+
+  def preprocess(data, label):
+    image = augment.resize_shorter_center_crop(data, image_size, cfg.eval_crop_pct)
+    return {'image': augment.normalize(image), 'label': tf.cast(label, tf.int32),
+            'mask': tf.constant(1.0, tf.float32)}
+
+  padding = tf.data.Dataset.from_tensors({
+      'image': tf.zeros([image_size, image_size, 3], tf.float32),
+      'label': tf.constant(0, tf.int32),
+      'mask': tf.constant(0.0, tf.float32)}).repeat(num_batches * local_batch - n)
+  if n == 0:
+    ds = padding
+  else:
+    if source.is_folder:
+      paths, labels = source.folder_examples(cfg.eval_split, index, count)
+      if cfg.cache:
+        records = tf.data.Dataset.from_tensor_slices((_read_all(paths), labels))
+      else:
+        records = tf.data.Dataset.from_tensor_slices((paths.astype(str), labels)).map(
+            _plain(lambda path, label: (tf.io.read_file(path), label)))
+    else:
+      records = source.record_dataset(cfg.eval_split, index, count, n)
+      if cfg.cache:
+        records = records.cache()
+    ds = records.map(_plain(preprocess), num_parallel_calls=_parallelism(cfg))
+    ds = ds.concatenate(padding)
+  ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  return EvalIterable(ds.with_options(_options()), num_batches,
+                      source.num_examples(cfg.eval_split, 'eval_split'), n)
