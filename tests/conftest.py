@@ -1,9 +1,8 @@
-"""Test-wide settings: quiet TensorFlow, keep it off any accelerator, float32 matmuls."""
+"""Test-wide settings: quiet TensorFlow, full-precision float32 matmuls."""
 
 import os
 
 os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '2')
-os.environ.setdefault('CUDA_VISIBLE_DEVICES', '')
 
 import jax  # noqa: E402
 
