@@ -1,0 +1,66 @@
+r"""Train or evaluate DeBiFormer.
+
+  python -m debiformer_jax.main --config=configs/demo.py --workdir=/tmp/debiformer_demo
+  python -m debiformer_jax.main --config=configs/small.py --workdir=DIR \
+      --config.data.data_dir=TFDS_DIR --config.global_batch_size=256
+  python -m debiformer_jax.main --config=configs/small.py --config.mode=eval \
+      --config.init_from=CONVERTED_DIR --config.data.data_dir=TFDS_DIR
+
+Any config field can be overridden with --config.FIELD=VALUE. `mode` is 'train' (train with
+periodic eval; resumes from the workdir's latest checkpoint) or 'eval' (evaluate
+`init_from` or the workdir's latest checkpoint). Without --workdir, config.workdir is used,
+or ./workdir.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # Before TensorFlow loads (with the config).
+
+from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
+from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard '
+                               'events (default: config.workdir, else ./workdir).')
+flags.mark_flags_as_required(['config'])
+
+DEFAULT_WORKDIR = 'workdir'
+
+
+class _QuietOrbax(std_logging.Filter):
+  """Orbax logs every step of every save at INFO; keep its warnings and errors only."""
+
+  def filter(self, record):
+    return record.levelno >= std_logging.WARNING or '/orbax/' not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f'unexpected arguments: {argv[1:]}')
+  logging.get_absl_handler().addFilter(_QuietOrbax())
+  # TensorFlow is only the input pipeline: keep it off the accelerators JAX uses.
+  import tensorflow as tf
+  tf.config.set_visible_devices([], 'GPU')
+
+  import jax
+  from debiformer_jax import train
+
+  config = _CONFIG.value
+  workdir = _WORKDIR.value or config.workdir or DEFAULT_WORKDIR
+  try:
+    train.validate_config(config, workdir)
+  except ValueError as e:
+    sys.exit(f'{e}\n(config file {flags.FLAGS["config"].config_filename})')
+  logging.info('JAX %s: %d processes, %d devices (%s); workdir %s', jax.__version__,
+               jax.process_count(), jax.device_count(), jax.devices()[0].platform, workdir)
+  if config.mode == 'train':
+    train.train_and_evaluate(config, workdir)
+  else:
+    train.evaluate_checkpoint(config, workdir)
+
+
+if __name__ == '__main__':
+  app.run(main)
