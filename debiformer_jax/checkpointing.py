@@ -108,10 +108,8 @@ def load_training_variables(directory: str, step: int | None = None,
     raise FileNotFoundError(
         f'{directory} holds no training checkpoint (no complete step directory in {ckpt_dir}) '
         f'and no {METADATA_FILE} of converted weights.')
-  step_dir = os.path.join(ckpt_dir, str(step))
-  state = _restore_numpy(os.path.join(step_dir, 'state'))
-  with open(os.path.join(step_dir, 'meta', 'metadata')) as f:
-    meta = json.load(f)
+  state = _restore_numpy(os.path.join(ckpt_dir, str(step), 'state'))
+  meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))['meta']
   params = state['ema_params'] if use_ema and state.get('ema_params') else state['params']
   return {'params': params, 'batch_stats': state.get('batch_stats') or {}}, meta
 

@@ -98,7 +98,7 @@ def validate_config(config: ml_collections.ConfigDict, workdir: str | None = Non
     bad(f'num_epochs={config.num_epochs} must be positive.')
   if config.num_train_steps != -1 and config.num_train_steps <= 0:
     bad(f'num_train_steps={config.num_train_steps} must be > 0, or -1 to use num_epochs.')
-  if config.num_train_steps == -1 and config.num_epochs <= 0:
+  elif config.num_train_steps == -1 and config.num_epochs == 0:
     bad(f'num_epochs={config.num_epochs} must be > 0 when num_train_steps is -1.')
 
   o = config.optimizer
@@ -393,6 +393,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                             ema_params=weights['params'] if config.ema_decay > 0 else None)
       logging.info('Initialised from %s.', config.init_from)
   start_step = int(state.step)
+  if start_step >= total_steps:
+    logging.info('Step %d of %d: training is already complete.', start_step, total_steps)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info('%s: %.2fM params; %d steps (%d per epoch), global batch %d on %d devices (%s).',
                config.model_name, num_params / 1e6, total_steps, steps_per_epoch,
@@ -440,7 +442,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       images_per_sec = (step - last_step) * config.global_batch_size / (now - last_time)
       history['images_per_sec'] = images_per_sec
       scalars = {f'train/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      scalars.update({'train/images_per_sec': images_per_sec, 'train/epoch': step / steps_per_epoch})
+      scalars['train/images_per_sec'] = images_per_sec
+      scalars['train/epoch'] = step / steps_per_epoch
       writer.write_scalars(step, scalars)
       if is_chief:
         eta = (total_steps - step) * (now - last_time) / (step - last_step)
@@ -491,8 +494,9 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   if not config.init_from:
     step = int(checkpointing.make_manager(checkpointing.checkpoint_dir(workdir),
                                           read_only=True).latest_step())
-  metrics = evaluate(jax.jit(functools.partial(eval_step, model=model, num_classes=info.num_classes)),
-                     variables, config, mesh)
+  compiled_eval_step = jax.jit(
+      functools.partial(eval_step, model=model, num_classes=info.num_classes))
+  metrics = evaluate(compiled_eval_step, variables, config, mesh)
   writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
   writer.write_scalars(step, metrics)
   writer.flush()

@@ -8,8 +8,10 @@ through the environment) turns later compiles of the same program into a file re
 
 from __future__ import annotations
 
+import atexit
 import importlib.util
 import os
+import shutil
 import sys
 import tempfile
 
@@ -22,8 +24,11 @@ CACHE_ENV = 'DEBIFORMER_TEST_XLA_CACHE'
 
 def use_compilation_cache() -> str:
   """Turns on the persistent compilation cache for this process (and its children)."""
-  path = os.environ.get(CACHE_ENV) or tempfile.mkdtemp(prefix='debiformer_xla_cache_')
-  os.environ[CACHE_ENV] = path
+  path = os.environ.get(CACHE_ENV)
+  if not path:
+    path = tempfile.mkdtemp(prefix='debiformer_xla_cache_')
+    atexit.register(shutil.rmtree, path, ignore_errors=True)  # By the process that made it.
+    os.environ[CACHE_ENV] = path
   jax.config.update('jax_compilation_cache_dir', path)
   jax.config.update('jax_persistent_cache_min_compile_time_secs', 0.0)
   jax.config.update('jax_persistent_cache_min_entry_size_bytes', -1)
@@ -38,6 +43,9 @@ def subprocess_env(**extra) -> dict:
   env['JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS'] = '0'
   env['JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES'] = '-1'
   env['TF_CPP_MIN_LOG_LEVEL'] = '2'
+  precision = jax.config.jax_default_matmul_precision  # conftest.py's choice, for children too.
+  if precision:
+    env['JAX_DEFAULT_MATMUL_PRECISION'] = str(precision)
   env.update(extra)
   return env
 
@@ -64,6 +72,21 @@ def small_config(**overrides):
     for p in parents:
       node = node[p]
     node[leaf] = value
+  return c
+
+
+def mock_imagenet_config(data_dir: str, **overrides):
+  """The demo model on mock imagenet2012 with the ImageNet recipe's augmentation (RandAugment,
+  random erasing, mixup/cutmix, label smoothing), EMA and stochastic depth on."""
+  from debiformer_jax import config_defaults
+
+  c = small_config(**overrides)
+  c.model.drop_path_rate = 0.1
+  c.ema_decay = 0.5
+  c.data = config_defaults.base_config().data
+  c.data.data_dir = data_dir
+  c.data.shuffle_buffer = 64
+  c.data.num_parallel_calls = 2
   return c
 
 
@@ -107,7 +130,10 @@ def read_scalars(workdir: str) -> dict:
       continue
     for event in tf.compat.v1.train.summary_iterator(os.path.join(workdir, name)):
       for value in event.summary.value:
-        number = float(tf.make_ndarray(value.tensor)) if value.HasField('tensor') else value.simple_value
+        if value.HasField('tensor'):
+          number = float(tf.make_ndarray(value.tensor))
+        else:
+          number = value.simple_value
         out.setdefault(value.tag, {})[event.step] = number
   return out
 

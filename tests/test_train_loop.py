@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from debiformer_jax import checkpointing, config_defaults, train
+from debiformer_jax import checkpointing, train
 from tests import _train_testlib as lib
 
 lib.use_compilation_cache()
@@ -30,17 +30,12 @@ STEPS_PER_EPOCH = NUM_TRAIN // BATCH
 
 
 def imagenet_config(data_dir):
-  c = lib.small_config(num_epochs=2, eval_every_epochs=1.0, checkpoint_every_epochs=1.0,
-                       keep_checkpoints=1, keep_best=1, ema_decay=0.5,
-                       # mock_data patches file access process-wide while it builds a dataset,
-                       # which would capture a background save's writes: save synchronously.
-                       async_checkpoints=False)
-  c.model.drop_path_rate = 0.1
-  c.data = config_defaults.base_config().data  # The ImageNet recipe: RandAugment, mixup, ...
-  c.data.data_dir = data_dir
-  c.data.shuffle_buffer = 64
-  c.data.num_parallel_calls = 2
-  return c
+  return lib.mock_imagenet_config(
+      data_dir, num_epochs=2, eval_every_epochs=1.0, checkpoint_every_epochs=1.0,
+      keep_checkpoints=1, keep_best=1,
+      # mock_data patches file access process-wide while it builds a dataset, which would
+      # capture a background save's writes: save synchronously here.
+      async_checkpoints=False)
 
 
 @pytest.fixture(scope='module')
