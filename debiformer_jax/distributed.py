@@ -145,6 +145,25 @@ def is_initialized() -> bool:
   return _dist.global_state.client is not None
 
 
+_barrier_counts: dict[str, int] = {}
+
+
+def barrier(name: str, timeout_s: float = 1800.0) -> None:
+  """Blocks until every process has reached the barrier `name` (no-op with one process).
+
+  It goes through the coordination service, not a device collective, so it tolerates long
+  skews between processes: put one after per-process work of uneven length (compiling,
+  restoring) and before the first collective, whose own time-out (gloo: 30 s) is short.
+  """
+  if not is_initialized() or jax.process_count() <= 1:
+    return
+  from jax._src import distributed as _dist
+  count = _barrier_counts.get(name, 0)
+  _barrier_counts[name] = count + 1
+  _dist.global_state.client.wait_at_barrier(f"debiformer:{name}:{count}",
+                                            int(timeout_s * 1000))
+
+
 def _parse_device_ids(value: Any) -> Optional[list[int]]:
   if value is None or value == "":
     return None

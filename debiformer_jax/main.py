@@ -10,6 +10,16 @@ Any config field can be overridden with --config.FIELD=VALUE. `mode` is 'train' 
 periodic eval; resumes from the workdir's latest checkpoint) or 'eval' (evaluate
 `init_from` or the workdir's latest checkpoint). Without --workdir, config.workdir is used,
 or ./workdir.
+
+Several processes (multi-host) join one job through jax.distributed: on Cloud TPU and in a SLURM
+step this happens by itself; elsewhere give every process the same --coordinator_address and
+--num_processes and its own --process_id (or the DEBIFORMER_* environment variables), e.g.
+
+  python -m debiformer_jax.main --config=... --workdir=SHARED_DIR \
+      --coordinator_address=HOST0:1234 --num_processes=2 --process_id=0   # and 1 on host 1
+
+On SIGTERM/SIGUSR1 (or a TPU preemption notice) training saves a checkpoint of the current step
+on every process and exits with status 0; relaunching with the same workdir resumes from it.
 """
 
 import logging as std_logging
@@ -21,11 +31,14 @@ os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')  # Before TensorFlow loads (w
 from absl import app, flags, logging  # pylint: disable=g-import-not-at-top
 from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
 
+from debiformer_jax import distributed  # pylint: disable=g-import-not-at-top
+
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file (configs/*.py).',
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard '
                                'events (default: config.workdir, else ./workdir).')
 flags.mark_flags_as_required(['config'])
+distributed.define_flags()
 
 DEFAULT_WORKDIR = 'workdir'
 
@@ -41,6 +54,8 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietOrbax())
+  # Join the multi-process job (if any) before anything asks JAX about devices or processes.
+  distributed.initialize_from_flags(flags.FLAGS)
   # TensorFlow is only the input pipeline: keep it off the accelerators JAX uses.
   import tensorflow as tf
   tf.config.set_visible_devices([], 'GPU')
@@ -54,8 +69,9 @@ def main(argv):
     train.validate_config(config, workdir)
   except ValueError as e:
     sys.exit(f'{e}\n(config file {flags.FLAGS["config"].config_filename})')
-  logging.info('JAX %s: %d processes, %d devices (%s); workdir %s', jax.__version__,
-               jax.process_count(), jax.device_count(), jax.devices()[0].platform, workdir)
+  if jax.process_index() == 0:
+    logging.info('JAX %s: %d processes, %d devices (%s); workdir %s', jax.__version__,
+                 jax.process_count(), jax.device_count(), jax.devices()[0].platform, workdir)
   if config.mode == 'train':
     train.train_and_evaluate(config, workdir)
   else:

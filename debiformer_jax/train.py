@@ -31,7 +31,7 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from debiformer_jax import checkpointing, sharding
+from debiformer_jax import checkpointing, distributed, sharding
 from debiformer_jax.models import create_model, get_config
 
 MODES = ('train', 'eval')
@@ -290,6 +290,24 @@ def eval_step(variables: dict, batch: dict, totals: dict, *, model, num_classes:
   return jax.tree.map(jnp.add, totals, batch_totals)
 
 
+def compile_eval_step(config: ml_collections.ConfigDict, *, model, num_classes: int, mesh,
+                      abstract_state):
+  """The eval step, compiled ahead of time (like the train step) for the eval variables of
+  `abstract_state` and global eval batches split over 'data'; the totals stay replicated."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  size = (config.global_batch_size, config.image_size, config.image_size, 3)
+  abstract_batch = {'image': jax.ShapeDtypeStruct(size, jnp.float32, sharding=batch_sharding),
+                    'label': jax.ShapeDtypeStruct(size[:1], jnp.int32, sharding=batch_sharding),
+                    'mask': jax.ShapeDtypeStruct(size[:1], jnp.float32, sharding=batch_sharding)}
+  replicated = sharding.replicated(mesh)
+  abstract_totals = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+      jax.eval_shape(empty_totals))
+  step_fn = functools.partial(eval_step, model=model, num_classes=num_classes)
+  return jax.jit(step_fn, out_shardings=replicated).lower(
+      eval_variables(abstract_state), abstract_batch, abstract_totals).compile()
+
+
 def empty_totals() -> dict:
   return {'loss': jnp.zeros((), jnp.float32), 'top1': jnp.zeros((), jnp.int32),
           'top5': jnp.zeros((), jnp.int32), 'num_examples': jnp.zeros((), jnp.int32)}
@@ -299,7 +317,11 @@ def evaluate(compiled_eval_step, variables: dict, config: ml_collections.ConfigD
   """Top-1, top-5 and mean loss over the whole eval split; each example counted once."""
   from debiformer_jax.data import input_pipeline
 
-  totals = empty_totals()
+  replicated = sharding.replicated(mesh)
+  totals = jax.tree.map(  # Laid out as the compiled step expects, on one host or many.
+      lambda x: jax.make_array_from_callback(x.shape, replicated,
+                                             lambda idx: np.zeros(x.shape, x.dtype)[idx]),
+      jax.eval_shape(empty_totals))
   for batch in input_pipeline.create_eval_iterator(
       config.data, global_batch_size=config.global_batch_size, image_size=config.image_size):
     totals = compiled_eval_step(variables, sharding.host_to_global(batch, mesh), totals)
@@ -361,7 +383,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   """Trains with periodic evaluation and checkpoints; resumes from `workdir` if it has one.
 
   `stop_at_step` ends the run after that step as if the job were interrupted (tests).
-  Returns {'state', 'train_loss': {step: loss}, 'eval': {step: metrics}, 'images_per_sec'}.
+  SIGTERM / SIGUSR1 (or, with several processes, JAX's preemption sync point) do the same for
+  real: every process stops at the same step, that step is checkpointed, and the run returns
+  normally; relaunching resumes from it.
+  Returns {'state', 'train_loss': {step: loss}, 'eval': {step: metrics}, 'images_per_sec',
+  'preempted_at': the step saved on preemption, else None}.
   """
   from debiformer_jax.data import input_pipeline
 
@@ -384,21 +410,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        async_save=config.async_checkpoints)
   if manager.latest_step() is not None:
     state, _ = checkpointing.restore(manager, abstract_state)
-    logging.info('Resumed from %s at step %d.', manager.directory, int(state.step))
+    _log_chief('Resumed from %s at step %d.', manager.directory, int(state.step))
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
     if config.init_from:
       weights = place_weights(config.init_from, eval_variables(state), drop_head=True)
       state = state.replace(params=weights['params'], batch_stats=weights['batch_stats'],
                             ema_params=weights['params'] if config.ema_decay > 0 else None)
-      logging.info('Initialised from %s.', config.init_from)
+      _log_chief('Initialised from %s.', config.init_from)
   start_step = int(state.step)
   if start_step >= total_steps:
-    logging.info('Step %d of %d: training is already complete.', start_step, total_steps)
+    _log_chief('Step %d of %d: training is already complete.', start_step, total_steps)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info('%s: %.2fM params; %d steps (%d per epoch), global batch %d on %d devices (%s).',
-               config.model_name, num_params / 1e6, total_steps, steps_per_epoch,
-               config.global_batch_size, jax.device_count(), config.sharding)
+  _log_chief('%s: %.2fM params; %d steps (%d per epoch), global batch %d on %d devices (%s).',
+             config.model_name, num_params / 1e6, total_steps, steps_per_epoch,
+             config.global_batch_size, jax.device_count(), config.sharding)
 
   train_iter = input_pipeline.create_train_iterator(
       config.data, global_batch_size=config.global_batch_size, image_size=config.image_size,
@@ -409,11 +435,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                            num_classes=info.num_classes, mesh=mesh,
                                            abstract_state=abstract_state,
                                            state_sharding=state_sharding)
-  logging.info('Compiled the train step in %.1fs.', time.perf_counter() - t0)
-  compiled_eval_step = jax.jit(
-      functools.partial(eval_step, model=model, num_classes=info.num_classes))
+  _log_chief('Compiled the train step in %.1fs.', time.perf_counter() - t0)
+  compiled_eval_step = compile_eval_step(config, model=model, num_classes=info.num_classes,
+                                         mesh=mesh, abstract_state=abstract_state)
+  # Processes compile at their own pace; the first step's collectives wait only ~30 s (gloo).
+  distributed.barrier('compiled')
 
-  writer = metric_writers.create_default_writer(workdir, just_logging=not is_chief)
+  writer = _metric_writer(workdir, is_chief)
   if is_chief:
     os.makedirs(workdir, exist_ok=True)
     with open(os.path.join(workdir, 'config.json'), 'w') as f:
@@ -421,55 +449,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
   checkpoint_every = max(1, int(round(config.checkpoint_every_epochs * steps_per_epoch)))
-  history = {'train_loss': {}, 'eval': {}, 'images_per_sec': None}
+  history = {'train_loss': {}, 'eval': {}, 'images_per_sec': None, 'preempted_at': None}
   pending = []  # On-device metrics of the steps since the last log.
   last_time, last_step = time.perf_counter(), start_step
 
-  for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
-    batch = sharding.host_to_global(next(train_iter), mesh)
-    state, metrics = compiled_train_step(state, batch)
-    pending.append(metrics)
+  # The watcher turns SIGTERM/SIGUSR1 into a stop at a step all processes agree on; it must be
+  # asked on every process at every step (with several processes it is a collective).
+  with distributed.PreemptionWatcher() as watcher:
+    for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
+      batch = sharding.host_to_global(next(train_iter), mesh)
+      state, metrics = compiled_train_step(state, batch)
+      pending.append(metrics)
 
-    interrupted = stop_at_step is not None and step >= stop_at_step
-    do_eval = step % eval_every == 0 or step == total_steps
-    do_checkpoint = step % checkpoint_every == 0 or step == total_steps or interrupted
-    if step % config.log_every_steps == 0 or do_eval or do_checkpoint:
-      fetched = jax.device_get(pending)  # The only host sync of the training loop.
-      now = time.perf_counter()
-      pending = []
-      for i, m in enumerate(fetched):
-        history['train_loss'][step - len(fetched) + 1 + i] = float(m['loss'])
-      images_per_sec = (step - last_step) * config.global_batch_size / (now - last_time)
-      history['images_per_sec'] = images_per_sec
-      scalars = {f'train/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-      scalars['train/images_per_sec'] = images_per_sec
-      scalars['train/epoch'] = step / steps_per_epoch
-      writer.write_scalars(step, scalars)
-      if is_chief:
-        eta = (total_steps - step) * (now - last_time) / (step - last_step)
-        logging.info('step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f img/s  ETA %s', step,
-                     total_steps, step / steps_per_epoch, scalars['train/loss'],
-                     scalars['train/lr'], images_per_sec, _format_seconds(eta))
+      preempted = watcher.should_stop(step)
+      interrupted = preempted or (stop_at_step is not None and step >= stop_at_step)
+      do_eval = step % eval_every == 0 or step == total_steps
+      do_checkpoint = step % checkpoint_every == 0 or step == total_steps or interrupted
+      if step % config.log_every_steps == 0 or do_eval or do_checkpoint:
+        fetched = jax.device_get(pending)  # The only host sync of the training loop.
+        now = time.perf_counter()
+        pending = []
+        for i, m in enumerate(fetched):
+          history['train_loss'][step - len(fetched) + 1 + i] = float(m['loss'])
+        images_per_sec = (step - last_step) * config.global_batch_size / (now - last_time)
+        history['images_per_sec'] = images_per_sec
+        scalars = {f'train/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+        scalars['train/images_per_sec'] = images_per_sec
+        scalars['train/epoch'] = step / steps_per_epoch
+        writer.write_scalars(step, scalars)
+        if is_chief:
+          eta = (total_steps - step) * (now - last_time) / (step - last_step)
+          logging.info('step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f img/s  ETA %s', step,
+                       total_steps, step / steps_per_epoch, scalars['train/loss'],
+                       scalars['train/lr'], images_per_sec, _format_seconds(eta))
 
-    eval_metrics = None
-    if do_eval:
-      eval_metrics = evaluate(compiled_eval_step, eval_variables(state), config, mesh)
-      history['eval'][step] = eval_metrics
-      writer.write_scalars(step, eval_metrics)
-      if is_chief:
-        logging.info('step %d eval: top-1 %.4f  top-5 %.4f  loss %.4f  (%d examples)', step,
-                     eval_metrics['eval/top1'], eval_metrics['eval/top5'],
-                     eval_metrics['eval/loss'], eval_metrics['eval/num_examples'])
-    if do_checkpoint:
-      checkpointing.save(manager, step, state, metrics=eval_metrics)
-    if do_eval or do_checkpoint:
-      last_time, last_step = time.perf_counter(), step  # Throughput excludes eval and saving.
-    if interrupted:
-      break
+      eval_metrics = None
+      if do_eval:
+        eval_metrics = evaluate(compiled_eval_step, eval_variables(state), config, mesh)
+        history['eval'][step] = eval_metrics
+        writer.write_scalars(step, eval_metrics)
+        if is_chief:
+          logging.info('step %d eval: top-1 %.4f  top-5 %.4f  loss %.4f  (%d examples)', step,
+                       eval_metrics['eval/top1'], eval_metrics['eval/top5'],
+                       eval_metrics['eval/loss'], eval_metrics['eval/num_examples'])
+      if do_checkpoint:
+        checkpointing.save(manager, step, state, metrics=eval_metrics)
+      if do_eval or do_checkpoint:
+        last_time, last_step = time.perf_counter(), step  # Throughput excludes eval and saving.
+      if preempted:
+        history['preempted_at'] = step
+        break
+      if interrupted:
+        break
 
   manager.wait_until_finished()
   manager.close()
   writer.flush()
+  if history['preempted_at'] is not None and is_chief:
+    logging.warning('Preempted: saved a checkpoint of step %d/%d in %s; relaunch with the same '
+                    'workdir to resume from it.', history['preempted_at'], total_steps,
+                    manager.directory)
   history['state'] = state
   return history
 
@@ -497,7 +536,7 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   compiled_eval_step = jax.jit(
       functools.partial(eval_step, model=model, num_classes=info.num_classes))
   metrics = evaluate(compiled_eval_step, variables, config, mesh)
-  writer = metric_writers.create_default_writer(workdir, just_logging=jax.process_index() > 0)
+  writer = _metric_writer(workdir, jax.process_index() == 0)
   writer.write_scalars(step, metrics)
   writer.flush()
   if jax.process_index() == 0:
@@ -505,6 +544,22 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
                  metrics['eval/top1'], metrics['eval/top5'], metrics['eval/loss'],
                  metrics['eval/num_examples'])
   return metrics
+
+
+def _log_chief(msg: str, *args) -> None:
+  """logging.info on process 0 only (the others run the same loop and would repeat it)."""
+  if jax.process_index() == 0:
+    logging.info(msg, *args)
+
+
+logging.ABSLLogger.register_frame_to_skip(__file__, '_log_chief')  # Log the caller's line.
+
+
+def _metric_writer(workdir: str, is_chief: bool) -> metric_writers.MetricWriter:
+  """TensorBoard (and log) writer on process 0; a writer that drops everything elsewhere."""
+  if is_chief:
+    return metric_writers.create_default_writer(workdir)
+  return metric_writers.MultiWriter([])
 
 
 def _format_seconds(seconds: float) -> str:
