@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from debiformer_jax.models import Implementation, create_model, get_config
-from debiformer_jax.models import routing
+from debiformer_jax.models import attention, routing
 from debiformer_jax.models.layers import DepthwiseConv
 from debiformer_jax.models.sampling import bilinear_sample, bilinear_sample_matmul
 
@@ -159,14 +159,86 @@ def test_twice_the_resolution_runs_with_the_same_weights(small_model):
   assert logits.shape == (1, 10) and bool(jnp.all(jnp.isfinite(logits)))
 
 
+# Every formulation at least once: dwconv, sampling (the rpe bias's window and separable
+# forms included: SMALL_ARCH's tables are 2*side-1), region gather (dense_routing=0 forces the
+# gathers; SMALL_ARCH's stage-0 routing is dense under the CPU default), all-dense routing,
+# remat with each policy.
+IMPLEMENTATIONS = (
+    Implementation(dwconv='grouped'), Implementation(dwconv='shifted'),
+    Implementation(sampling='matmul'), Implementation(sampling='gather'),
+    Implementation(region_gather='take', dense_routing=0),
+    Implementation(region_gather='onehot', dense_routing=0),
+    Implementation(dense_routing=2 ** 40),
+    Implementation(remat=True), Implementation(remat=True, remat_policy='nothing'),
+    Implementation(dwconv='grouped', sampling='matmul', region_gather='onehot',
+                   dense_routing=2 ** 20),  # the TPU choice
+)
+
+
 def test_implementation_choices_give_the_same_logits(small_model):
   model, variables, x = small_model
   ref = np.asarray(apply(model, variables, x))
-  for impl in (Implementation(dwconv='grouped'), Implementation(sampling='matmul'),
-               Implementation(region_gather='onehot'), Implementation(remat=True)):
+  for impl in IMPLEMENTATIONS:
     other = dataclasses.replace(model, impl=impl)
     np.testing.assert_allclose(np.asarray(apply(other, variables, x)), ref, atol=tol(ref),
                                err_msg=str(impl))
+
+
+def _train_grads(model, variables, x):
+  def loss(params):
+    logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
+                            train=True, mutable=['batch_stats'])
+    return jnp.sum(logits * jnp.linspace(-1.0, 1.0, logits.size).reshape(logits.shape))
+
+  return jax.jit(jax.grad(loss))(variables['params'])
+
+
+def test_implementation_choices_give_the_same_gradients(small_model):
+  """Custom VJPs (shifted depthwise conv) and the gather/scatter vs matmul backward passes."""
+  model, variables, x = small_model
+  ref = _train_grads(model, variables, x)
+  for impl in (Implementation(dwconv='grouped', sampling='matmul', region_gather='onehot',
+                              dense_routing=0, remat=True),
+               Implementation(dense_routing=2 ** 40, sampling='gather')):
+    got = _train_grads(dataclasses.replace(model, impl=impl), variables, x)
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(ref), jax.tree.leaves(got)):
+      a, b = np.asarray(a), np.asarray(b)
+      np.testing.assert_allclose(b, a, atol=1e-4 * max(1.0, np.abs(a).max()),
+                                 err_msg=f'{impl} {jax.tree_util.keystr(path)}')
+
+
+@pytest.mark.parametrize('side,rpe_size', [(14, 14), (7, 7), (10, 14), (14, 9)])
+def test_rpe_bias_forms_match_torch_grid_sample(side, rpe_size):
+  """The relative-position bias as the reference computes it (grid_sample of the table at
+  (query - point) / 2), for tables that align with the query grid (window gather) and not."""
+  rng = np.random.default_rng(side + rpe_size)
+  heads, groups, points = 4, 2, 9
+  n = 2
+  table = rng.normal(size=(heads, 2 * rpe_size - 1, 2 * rpe_size - 1)).astype(np.float32)
+  pos = rng.uniform(-1.2, 1.2, size=(n, groups, points, 2)).clip(-1, 1).astype(np.float32)
+  ys = np.linspace(-1, 1, side, dtype=np.float32)
+  queries = np.stack(np.meshgrid(ys, ys, indexing='ij'), -1).reshape(1, -1, 1, 2)
+  disp = (queries - pos.reshape(n * groups, 1, points, 2)) * 0.5
+  tables = np.broadcast_to(table, (n,) + table.shape).reshape(n * groups, heads // groups,
+                                                             *table.shape[1:])
+  ref = F.grid_sample(torch.from_numpy(np.ascontiguousarray(tables)),
+                      torch.from_numpy(np.ascontiguousarray(disp[..., ::-1])),
+                      mode='bilinear', padding_mode='zeros', align_corners=True)
+  ref = ref.numpy().reshape(n, heads, side * side, points)
+  for impl in ('gather', 'matmul'):
+    got = np.asarray(jax.jit(lambda t, p: attention.rpe_bias(t, p, side, side, impl))(table, pos))
+    np.testing.assert_allclose(got, ref, atol=1e-4, err_msg=impl)
+
+
+def test_unknown_implementation_values_are_named():
+  with pytest.raises(ValueError, match="dwconv='winograd'"):
+    Implementation(dwconv='winograd').resolve('cpu')
+  with pytest.raises(ValueError, match='dense_routing'):
+    Implementation(dense_routing=-1).resolve('cpu')
+  for backend in ('cpu', 'tpu', 'gpu'):
+    for train in (False, True):
+      impl = Implementation.for_backend(backend, train)
+      assert impl.resolve(backend, train) == impl and 'auto' not in dataclasses.astuple(impl)
 
 
 def test_train_mode_updates_batch_stats_and_uses_drop_path(small_model):

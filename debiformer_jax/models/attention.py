@@ -9,11 +9,13 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+from jax import lax
 
 from debiformer_jax.models import routing
 from debiformer_jax.models.layers import ConvMLP, Dense, DepthwiseConv, gelu, layer_norm
-from debiformer_jax.models.sampling import get_sampler
+from debiformer_jax.models.sampling import bilinear_sample, get_sampler, interpolation_matrix
 
 Dtype = Any
 
@@ -31,37 +33,20 @@ class BRA(nn.Module):
   side_dwconv: int = 5
   dwconv_impl: str = 'shifted'
   gather_impl: str = 'take'
+  dense_routing: int = 0
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     n, h, w, c = x.shape
-    p, scale = self.n_win, c ** -0.5
     qkv = Dense(3 * c, dtype=self.dtype, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     lepe = DepthwiseConv(self.side_dwconv, impl=self.dwconv_impl, dtype=self.dtype,
                          name='lepe')(v)
-    q_reg, kv_reg = routing.to_regions(q, p), routing.to_regions(jnp.concatenate([k, v], -1), p)
-    keys, values = _routed_kv(q_reg.mean(2), kv_reg, self.topk, scale, self.gather_impl)
-    out = routing.multihead_attention(q_reg, keys, values, self.num_heads, scale)
-    out = routing.from_regions(out, p, h, w) + lepe
-    return Dense(c, dtype=self.dtype, name='wo')(out)
-
-
-def _routed_kv(q_region_means, kv_reg, topk, scale, gather_impl):
-  """Keys and values each query region attends to: (N, R or 1, L, C) each.
-
-  With topk equal to the number of regions every region sees every token: no routing or
-  gather at all, one shared key set (attention does not depend on key order).
-  """
-  n, r, t, c2 = kv_reg.shape
-  c = c2 // 2
-  if topk == r:
-    kv = kv_reg.reshape(n, 1, r * t, c2)
-  else:
-    idx = routing.route(q_region_means, kv_reg[..., :c].mean(2), topk, scale)
-    kv = routing.gather_regions(kv_reg, idx, gather_impl)
-  return kv[..., :c], kv[..., c:]
+    out = routing.bilevel_attention(q, k, v, n_win=self.n_win, heads=self.num_heads,
+                                    topk=self.topk, scale=c ** -0.5,
+                                    gather_impl=self.gather_impl, dense_limit=self.dense_routing)
+    return Dense(c, dtype=self.dtype, name='wo')(out + lepe)
 
 
 class DBRA(nn.Module):
@@ -91,6 +76,7 @@ class DBRA(nn.Module):
   side_dwconv: int = 5
   dwconv_impl: str = 'shifted'
   gather_impl: str = 'take'
+  dense_routing: int = 0
   sample_impl: str = 'gather'
   dtype: Dtype = jnp.float32
 
@@ -118,14 +104,13 @@ class DBRA(nn.Module):
     x_tilde = _merge_groups(x_tilde.reshape(n * g, hk, wk, cg), g)  # (N, Hk, Wk, C)
 
     # Bi-level routing attention of the deformable queries over the full-resolution k, v.
-    q_def = routing.to_regions(Dense(c, dtype=self.dtype, name='proj_q')(x_tilde), p)
-    kv_reg = routing.to_regions(jnp.concatenate([k, v], -1), p)
-    keys, values = _routed_kv(q_def.mean(2), kv_reg, self.topk, scale, self.gather_impl)
-    out = routing.multihead_attention(q_def, keys, values, heads, scale)
+    q_def = Dense(c, dtype=self.dtype, name='proj_q')(x_tilde)  # (N, Hk, Wk, C)
+    out = routing.bilevel_attention(q_def, k, v, n_win=p, heads=heads, topk=self.topk,
+                                    scale=scale, gather_impl=self.gather_impl,
+                                    dense_limit=self.dense_routing)
     lepe = DepthwiseConv(self.side_dwconv, stride=self.stride, impl=self.dwconv_impl,
                          dtype=self.dtype, name='lepe')(v)
-    out = routing.from_regions(out, p, hk, wk) + lepe
-    o = x_tilde + Dense(c, dtype=self.dtype, name='unifyheads')(out)
+    o = x_tilde + Dense(c, dtype=self.dtype, name='unifyheads')(out + lepe)
     o = o + ConvMLP(self.mlp_ratio, self.dwconv_impl, self.dtype, name='mlp')(
         layer_norm(1e-6, self.dtype, 'mlp_norm')(o))
     o = layer_norm(1e-6, self.dtype, 'out_norm')(o)
@@ -135,7 +120,7 @@ class DBRA(nn.Module):
     v2 = Dense(c, dtype=self.dtype, name='proj_v')(o).reshape(n, hk * wk, c)
     rpe_table = self.param('rpe_table', nn.initializers.truncated_normal(0.01),
                            (heads, 2 * self.rpe_size - 1, 2 * self.rpe_size - 1))
-    bias = _rpe_bias(rpe_table, pos.reshape(n, g, hk * wk, 2), h, w, sample)
+    bias = rpe_bias(rpe_table, pos.reshape(n, g, hk * wk, 2), h, w, self.sample_impl)
     out = routing.multihead_attention(q.reshape(n, h * w, c), k2, v2, heads, scale, bias)
     return Dense(c, dtype=self.dtype, name='proj_out')(out.reshape(n, h, w, c))
 
@@ -159,24 +144,79 @@ def _reference_points(hk, wk):
   return jnp.stack(jnp.meshgrid(ys, xs, indexing='ij'), axis=-1)
 
 
+def _axis_grid(size):
+  """(size,) align-corners coordinates of the full-resolution queries: i / (size - 1) * 2 - 1."""
+  return jnp.arange(size, dtype=jnp.float32) / max(size - 1, 1) * 2.0 - 1.0
+
+
 def _query_grid(h, w):
-  """(H*W, 2) align-corners grid (y, x) of the full-resolution queries: i / (H - 1) * 2 - 1."""
-  ys = jnp.arange(h, dtype=jnp.float32) / max(h - 1, 1) * 2.0 - 1.0
-  xs = jnp.arange(w, dtype=jnp.float32) / max(w - 1, 1) * 2.0 - 1.0
-  return jnp.stack(jnp.meshgrid(ys, xs, indexing='ij'), axis=-1).reshape(h * w, 2)
+  """(H*W, 2) align-corners grid (y, x) of the full-resolution queries."""
+  return jnp.stack(jnp.meshgrid(_axis_grid(h), _axis_grid(w), indexing='ij'), axis=-1).reshape(h * w, 2)
 
 
-def _rpe_bias(table, pos, h, w, sample):
+def rpe_bias(table, pos, h, w, impl: str = 'gather'):
   """Relative-position bias (N, heads, H*W, Ns) from the table (heads, 2q-1, 2q-1).
 
-  pos: (N, G, Ns, 2) deformable positions per group; head m belongs to group m // (heads/G).
-  The table is sampled (align_corners=True) at (query_grid - pos) * 0.5.
+  pos: (N, G, Ns, 2) deformable positions (y, x) per group; head m belongs to group
+  m // (heads/G). The table is sampled (bilinear, align_corners=True, zero padding) at
+  (query - pos) * 0.5 for every full-resolution query and every point. `impl`:
+    'gather': gathers. When one query step is exactly one table cell (the table side is
+      2*side - 1, true at every stage of the official models at 224), the bias of one point
+      is a bilinear blend of an (H+1)x(W+1) window of the table: `_rpe_bias_window`, one
+      window gather per point (its gradient a window scatter-add). Otherwise four corner
+      gathers per (query, point, head).
+    'matmul': separable. The queries lie on a regular grid, so the displacement's y depends
+      only on (query row, point) and its x only on (query column, point):
+        rows[i, k, h, x] = sum_y Wy[i, k, y] T[h, y, x]
+        bias[i, j, k, h] = sum_x rows[i, k, h, x] Wx[j, k, x]
+      with Wy, Wx the 1-D interpolation weights: two small matmuls instead of H*W*Ns*heads
+      gathers (no gather/scatter in either pass; suits the MXU / tensor cores).
   """
   n, g, ns, _ = pos.shape
   heads, th, tw = table.shape
-  disp = (_query_grid(h, w)[None, None, :, None, :] - pos[:, :, None, :, :]) * 0.5
-  disp = disp.transpose(1, 0, 2, 3, 4).reshape(g, n * h * w * ns, 2)  # (G, P, 2)
-  tables = table.reshape(g, heads // g, th, tw).transpose(0, 2, 3, 1)  # (G, th, tw, heads/G)
-  bias = sample(tables, disp)  # (G, P, heads/G)
-  bias = bias.reshape(g, n, h * w, ns, heads // g).transpose(1, 0, 4, 2, 3)
-  return bias.reshape(n, heads, h * w, ns)
+  if impl == 'gather':
+    if th - 1 == 2 * (h - 1) and tw - 1 == 2 * (w - 1) and h > 1 and w > 1:
+      return _rpe_bias_window(table, pos, h, w)
+    disp = (_query_grid(h, w)[None, None, :, None, :] - pos[:, :, None, :, :]) * 0.5
+    disp = disp.transpose(1, 0, 2, 3, 4).reshape(g, n * h * w * ns, 2)  # (G, P, 2)
+    tables = table.reshape(g, heads // g, th, tw).transpose(0, 2, 3, 1)  # (G, th, tw, heads/G)
+    bias = bilinear_sample(tables, disp)  # (G, P, heads/G)
+    bias = bias.reshape(g, n, h * w, ns, heads // g).transpose(1, 0, 4, 2, 3)
+    return bias.reshape(n, heads, h * w, ns)
+  if impl == 'matmul':
+    # Same displacement arithmetic as the gather form, per axis.
+    wy = interpolation_matrix((_axis_grid(h)[:, None] - pos[:, :, None, :, 0]) * 0.5, th)
+    wx = interpolation_matrix((_axis_grid(w)[:, None] - pos[:, :, None, :, 1]) * 0.5, tw)
+    tables = table.reshape(g, heads // g, th, tw)  # (G, heads/G, th, tw)
+    hi = lax.Precision.HIGHEST  # exact f32 interpolation on TPU too (these matmuls are small)
+    rows = jnp.einsum('ngiky,ghyx->nghikx', wy, tables, precision=hi)  # (N, G, hpg, H, Ns, tw)
+    bias = jnp.einsum('nghikx,ngjkx->nghijk', rows, wx, precision=hi)  # (N, G, hpg, H, W, Ns)
+    return bias.reshape(n, heads, h * w, ns)
+  raise ValueError(f"unknown sampling implementation {impl!r}; choose 'gather' or 'matmul'.")
+
+
+def _rpe_bias_window(table, pos, h, w):
+  """`rpe_bias` when the table side is 2*side - 1: query (i, j) of point k samples the table
+  at pixel (i + cy_k, j + cx_k), so the bias of point k is a bilinear blend (weights from the
+  fractional parts of cy_k, cx_k) of the window of rows floor(cy_k) .. + H and columns
+  floor(cx_k) .. + W. The table is zero-padded by one cell, which is the zero padding of
+  grid_sample (a corner just outside gets weight times zero). Equal to the per-query form up
+  to the rounding of the pixel coordinate (~1e-5 of a cell).
+  """
+  n, g, ns, _ = pos.shape
+  heads, th, tw = table.shape
+  hpg = heads // g
+  # Pixel coordinate of query row 0 / column 0 (grid coordinate -1): ((q - p)/2 + 1)/2 * (size-1).
+  py = ((-1.0 - pos[..., 0]) * 0.5 + 1.0) * 0.5 * (th - 1)  # (N, G, Ns), in [0, th - 1]
+  px = ((-1.0 - pos[..., 1]) * 0.5 + 1.0) * 0.5 * (tw - 1)
+  y0, x0 = jnp.floor(py), jnp.floor(px)
+  fy, fx = (py - y0)[..., None, None, None], (px - x0)[..., None, None, None]
+  padded = jnp.pad(table.reshape(g, hpg, th, tw), ((0, 0), (0, 0), (1, 1), (1, 1)))
+  ys = jnp.clip(y0.astype(jnp.int32) + 1, 0, th + 1 - h)  # window start in the padded table
+  xs = jnp.clip(x0.astype(jnp.int32) + 1, 0, tw + 1 - w)
+  window = lambda t, y, x: lax.dynamic_slice(t, (0, y, x), (hpg, h + 1, w + 1))
+  per_point = jax.vmap(window, (None, 0, 0))  # over points
+  win = jax.vmap(jax.vmap(per_point, (0, 0, 0)), (None, 0, 0))(padded, ys, xs)  # (N,G,Ns,hpg,H+1,W+1)
+  bias = ((1.0 - fy) * ((1.0 - fx) * win[..., :h, :w] + fx * win[..., :h, 1:])
+          + fy * ((1.0 - fx) * win[..., 1:, :w] + fx * win[..., 1:, 1:]))  # (N, G, Ns, hpg, H, W)
+  return bias.transpose(0, 1, 3, 4, 5, 2).reshape(n, heads, h * w, ns)

@@ -8,9 +8,10 @@ stream 'dropout').
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Union
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from debiformer_jax.models.attention import BRA, DBRA
@@ -21,19 +22,93 @@ from debiformer_jax.models.layers import (Conv, ConvMLP, Dense, DepthwiseConv, D
 Dtype = Any
 
 
+_DENSE = jax.checkpoint_policies.save_only_these_names('dense')  # Dense outputs (custom VJP)
+REMAT_POLICIES = {
+    # Keep the outputs of matmuls without batch dimensions (every Dense / 1x1 conv, the
+    # convs) and recompute the rest (norms, GELU, depthwise convs, attention logits/softmax).
+    'dots_no_batch': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _DENSE),
+    # Keep every matmul output, the attention logits included.
+    'dots': jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, _DENSE),
+    # Keep nothing: recompute the whole block.
+    'nothing': jax.checkpoint_policies.nothing_saveable,
+}
+
+
 @dataclasses.dataclass(frozen=True)
 class Implementation:
   """How the model is computed; every choice gives the same numbers (tested).
 
   dwconv: 'shifted' (sum of shifted multiplies) or 'grouped' (XLA feature-grouped conv).
-  sampling: 'gather' (four corner gathers) or 'matmul' (separable interpolation matrices).
-  region_gather: 'take' (indexing) or 'onehot' (one-hot matmul).
-  remat: recompute each block in the backward pass (saves activation memory).
+  sampling: 'gather' (corner gathers) or 'matmul' (separable interpolation matrices), for
+    the deformable features and the relative-position bias.
+  region_gather: 'take' (indexing) or 'onehot' (one-hot matmul): how routed key regions are
+    gathered where they are gathered.
+  dense_routing: routed attention whose dense form has at most this many logits per image and
+    head is computed densely with the top-k regions as a mask (no gather at all); 0 = never.
+    (At 224: DBRA's routed attention has 49 deformable queries, i.e. 154k logits at stage 0,
+    38k at stage 1; BRA has 615k at stage 1 and 38k at stage 2.)
+  remat: recompute each block in the backward pass (saves activation memory), keeping what
+    `remat_policy` (a key of REMAT_POLICIES) says.
+  'auto' (the default) picks per backend, see `for_backend`; `resolve` fills them in.
   """
-  dwconv: str = 'shifted'
-  sampling: str = 'gather'
-  region_gather: str = 'take'
+  dwconv: str = 'auto'
+  sampling: str = 'auto'
+  region_gather: str = 'auto'
+  dense_routing: Union[int, str] = 'auto'
   remat: bool = False
+  remat_policy: str = 'dots_no_batch'
+
+  @classmethod
+  def for_backend(cls, backend: str | None = None, train: bool = False) -> 'Implementation':
+    """The measured (CPU) or reasoned (TPU, GPU) best choice for a backend; see BACKEND_DEFAULTS."""
+    backend = backend or jax.default_backend()
+    table = BACKEND_DEFAULTS.get(backend, BACKEND_DEFAULTS['cpu'])
+    return cls(**table['train' if train else 'inference'])
+
+  def resolve(self, backend: str | None = None, train: bool = False) -> 'Implementation':
+    """This implementation with every 'auto' replaced by the backend's default; checked."""
+    best = Implementation.for_backend(backend, train)
+    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    fields = {k: getattr(best, k) if v == 'auto' else v for k, v in fields.items()}
+    out = Implementation(**fields)
+    for name, ok in (('dwconv', ('shifted', 'grouped')), ('sampling', ('gather', 'matmul')),
+                     ('region_gather', ('take', 'onehot')), ('remat_policy', tuple(REMAT_POLICIES))):
+      if getattr(out, name) not in ok:
+        raise ValueError(f'Implementation.{name}={getattr(out, name)!r}; choose one of {ok} or '
+                         f"'auto'.")
+    if not isinstance(out.dense_routing, int) or out.dense_routing < 0:
+      raise ValueError(f'Implementation.dense_routing={out.dense_routing!r} must be an int >= 0 '
+                       f"or 'auto'.")
+    return out
+
+
+# Per backend and mode. CPU numbers: DeBiFormer-T, batch 8, 224, float32, 2-core AMD EPYC
+# (Zen 4) with XLA:CPU, medians measured side by side in one process (docs/performance.md).
+#  - dwconv 'shifted': XLA:CPU runs feature-grouped convs as slow generic loops (stage-0 MLP
+#    3x3 dwconv on 8x56x56x192: grouped 125 ms fwd / 430 ms fwd+bwd, shifted 6 ms / 20 ms
+#    with its custom VJP). TPU and GPU have native depthwise convolutions: 'grouped'.
+#  - sampling: on CPU the corner gathers are cheap forward (stage-0 rpe bias 12 ms vs 66 ms
+#    for the separable matmuls) but their backward is a scatter-add into the small rpe table
+#    (272 ms vs 135 ms): 'gather' for inference, 'matmul' for training. TPUs run gathers and
+#    scatters poorly and matmuls well; GPUs would serialise the scatter-add on atomics into a
+#    111x111 table: 'matmul' there (not measured: no accelerator in this project's CI).
+#  - dense_routing: dense masked routing removes the gather of duplicated key regions and
+#    its transposes; on CPU it wins wherever the dense logits are few (DBRA everywhere, BRA at
+#    stage 2): limit 2**18. On TPU the MXU makes the extra dense work cheap and gathers are
+#    expensive: 2**20 also takes stage-1 BRA; stage-0 BRA (9.8M logits) keeps a one-hot gather.
+#  - region_gather: 'take' on CPU/GPU (a real gather is cheap there); 'onehot' on TPU.
+_CPU = dict(dwconv='shifted', sampling='gather', region_gather='take', dense_routing=2 ** 18)
+_TPU = dict(dwconv='grouped', sampling='matmul', region_gather='onehot', dense_routing=2 ** 20)
+_GPU = dict(dwconv='grouped', sampling='matmul', region_gather='take', dense_routing=2 ** 18)
+BACKEND_DEFAULTS = {
+    'cpu': {'inference': _CPU, 'train': _CPU},
+    'tpu': {'inference': _TPU, 'train': _TPU},
+    'gpu': {'inference': _GPU, 'train': _GPU},
+    'cuda': {'inference': _GPU, 'train': _GPU},
+    'rocm': {'inference': _GPU, 'train': _GPU},
+}
 
 
 class Block(nn.Module):
@@ -46,9 +121,10 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    cfg, s, impl = self.config, self.stage, self.impl
+    cfg, s, impl = self.config, self.stage, self.impl.resolve(train=train)
     common = dict(num_heads=cfg.num_heads[s], n_win=cfg.n_win, side_dwconv=cfg.side_dwconv,
-                  dwconv_impl=impl.dwconv, gather_impl=impl.region_gather, dtype=self.dtype)
+                  dwconv_impl=impl.dwconv, gather_impl=impl.region_gather,
+                  dense_routing=impl.dense_routing, dtype=self.dtype)
 
     def dbra(topk, name):
       return DBRA(topk=cfg.stage_topk(topk), groups=cfg.offset_groups[s],
@@ -81,6 +157,9 @@ class Block(nn.Module):
 class DeBiFormer(nn.Module):
   """DeBiFormer classifier. Parameters in float32; activations in `dtype`.
 
+  `impl` says how it is computed (`Implementation`; 'auto' fields are resolved per backend
+  and mode when the model is called), never what.
+
   Parameter tree: `stem_conv1`, `stem_bn1`, `stem_conv2`, `stem_bn2`, then
   `downsample{s}_conv`, `downsample{s}_bn` for s >= 1, `stage{s}_block{b}` (Block), `norm`
   (BatchNorm), `head` (Dense).
@@ -98,12 +177,15 @@ class DeBiFormer(nn.Module):
     cfg.check_input_size(x.shape[1], x.shape[2])
     x = x.astype(self.dtype)
     rates = cfg.drop_path_rates()
-    block_cls = nn.remat(Block, static_argnums=(2,)) if self.impl.remat else Block
+    impl = self.impl.resolve(train=train)
+    block_cls = Block
+    if impl.remat:
+      block_cls = nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[impl.remat_policy])
     stages, index = [], 0
     for s in range(cfg.num_stages):
       x = self._downsample(x, s, train)
       for b in range(cfg.depths[s]):
-        x = block_cls(cfg, s, rates[index], self.impl, self.dtype,
+        x = block_cls(cfg, s, rates[index], impl, self.dtype,
                       name=f'stage{s}_block{b}')(x, train)
         index += 1
       stages.append(x)

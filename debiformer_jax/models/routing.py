@@ -61,15 +61,107 @@ def gather_regions(kv, idx, impl: str = 'take'):
 def multihead_attention(q, k, v, heads: int, scale: float, bias=None):
   """Softmax attention over the second-to-last axis of k/v, heads split channels as (m c).
 
-  q: (..., Lq, C); k, v: (..., Lk, C) with leading axes broadcastable to q's;
+  q: (..., Lq, C); k, v: (..., Lk, C) with the same leading axes as q;
   bias: optional (..., m, Lq, Lk). Logits and softmax in float32. Returns (..., Lq, C).
   """
   c = q.shape[-1]
-  split = lambda a: a.reshape(a.shape[:-1] + (heads, c // heads))
-  logits = jnp.einsum('...qmc,...kmc->...mqk', split(q * scale), split(k),
-                      preferred_element_type=jnp.float32)
+  to_heads = lambda a: jnp.moveaxis(a.reshape(a.shape[:-1] + (heads, c // heads)), -2, -3)
+  out = attend(to_heads(q * scale), to_heads(k), to_heads(v), bias=bias)  # (..., m, Lq, c/m)
+  out = jnp.moveaxis(out, -3, -2)
+  return out.reshape(out.shape[:-2] + (c,))
+
+
+def attend(q, k, v, bias=None, mask=None):
+  """softmax(q k^T + bias, masked) v over the last two axes; q already scaled.
+
+  q: (..., Lq, c); k, v: (..., Lk, c) with the same leading (batch) axes, which come first so
+  that both contractions are plain batched matmuls (no transposes of k or v). bias: f32
+  broadcastable to (..., Lq, Lk); mask: bool, False entries get no weight. Logits and softmax
+  are float32 whatever the compute dtype.
+  """
+  logits = jnp.einsum('...qc,...kc->...qk', q, k, preferred_element_type=jnp.float32)
   if bias is not None:
     logits = logits + bias
+  if mask is not None:
+    logits = jnp.where(mask, logits, -jnp.inf)
   attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  out = jnp.einsum('...mqk,...kmc->...qmc', attn, split(v))
-  return out.reshape(out.shape[:-2] + (c,))
+  return jnp.einsum('...qk,...kc->...qc', attn, v)
+
+
+def region_means(x, p: int):
+  """(N, H, W, C) -> (N, p*p, C): the mean of every region (routing descriptors)."""
+  n, h, w, c = x.shape
+  return x.reshape(n, p, h // p, p, w // p, c).mean((2, 4)).reshape(n, p * p, c)
+
+
+def to_head_regions(x, p: int, heads: int):
+  """(N, H, W, m*c) -> (N, m, p*p, T, c): heads first, then regions, then tokens."""
+  n, h, w, c = x.shape
+  x = x.reshape(n, p, h // p, p, w // p, heads, c // heads).transpose(0, 5, 1, 3, 2, 4, 6)
+  return x.reshape(n, heads, p * p, (h // p) * (w // p), c // heads)
+
+
+def from_head_regions(x, p: int, h: int, w: int):
+  """(N, m, p*p, T, c) -> (N, H, W, m*c); the inverse of `to_head_regions`."""
+  n, m, _, _, c = x.shape
+  x = x.reshape(n, m, p, p, h // p, w // p, c).transpose(0, 2, 4, 3, 5, 1, 6)
+  return x.reshape(n, h, w, m * c)
+
+
+def _gather_head_regions(kv, idx, impl: str):
+  """kv: (2, N, m, R, T, c) keys and values; idx: (N, R, k) -> (2, N, m, R, k*T, c)."""
+  _, n, m, r, t, c = kv.shape
+  k = idx.shape[-1]
+  if impl == 'take':
+    out = jax.vmap(lambda kv_n, idx_n: kv_n[:, :, idx_n], in_axes=(1, 0), out_axes=1)(kv, idx)
+  elif impl == 'onehot':
+    sel = jax.nn.one_hot(idx, r, dtype=kv.dtype)  # (N, R, k, R)
+    out = jnp.einsum('nqks,xnmstc->xnmqktc', sel, kv)
+  else:
+    raise ValueError(f"unknown region gather implementation {impl!r}; choose 'take' or 'onehot'.")
+  return out.reshape(2, n, m, r, k * t, c)
+
+
+def routing_is_dense(p: int, tq: int, t: int, topk: int, dense_limit: int) -> bool:
+  """Whether routed attention is computed densely with a top-k mask instead of a gather.
+
+  Dense means every query of a region scores every key of the map: (p²·Tq)·(p²·T) logits per
+  image and head. That is cheaper than gathering copies of the routed key regions when it is
+  small (few queries, as DBRA's one deformable query per region, or small maps).
+  """
+  r = p * p
+  return topk < r and (r * tq) * (r * t) <= dense_limit
+
+
+def bilevel_attention(q, k, v, *, n_win: int, heads: int, topk: int, scale: float,
+                      gather_impl: str = 'take', dense_limit: int = 0):
+  """Bi-level routing attention: each query region attends to the tokens of its `topk` routed
+  key regions (region means of q and k, `route`).
+
+  q: (N, Hq, Wq, C) queries; k, v: (N, H, W, C); both maps split into n_win x n_win regions.
+  Returns (N, Hq, Wq, C). Three formulations, the same numbers:
+    topk == regions: plain attention over every token (no routing);
+    dense (`routing_is_dense`): all logits, non-routed regions masked out of the softmax;
+    otherwise the routed regions' keys and values are gathered (`gather_impl`).
+  Heads lead the region axes so every matmul is a plain batched one.
+  """
+  p, r = n_win, n_win * n_win
+  n, hq, wq, c = q.shape
+  _, h, w, _ = k.shape
+  qh = to_head_regions(q * scale, p, heads)  # (N, m, R, Tq, c)
+  kh, vh = to_head_regions(k, p, heads), to_head_regions(v, p, heads)  # (N, m, R, T, c)
+  tq, t = qh.shape[3], kh.shape[3]
+  flat = lambda a: a.reshape(a.shape[0], a.shape[1], -1, a.shape[-1])  # (N, m, R*T, c)
+  if topk >= r:
+    out = attend(flat(qh), flat(kh), flat(vh)).reshape(qh.shape)
+  else:
+    idx = route(region_means(q, p), region_means(k, p), topk, scale)  # (N, R, k)
+    if routing_is_dense(p, tq, t, topk, dense_limit):
+      routed = jnp.any(idx[..., None] == jnp.arange(r), axis=-2)  # (N, R, R) query->key regions
+      mask = jnp.broadcast_to(routed[:, None, :, None, :, None], (n, 1, r, tq, r, t))
+      mask = mask.reshape(n, 1, r * tq, r * t)
+      out = attend(flat(qh), flat(kh), flat(vh), mask=mask).reshape(qh.shape)
+    else:
+      kv = _gather_head_regions(jnp.stack([kh, vh]), idx, gather_impl)
+      out = attend(qh, kv[0], kv[1])
+  return from_head_regions(out, p, hq, wq)

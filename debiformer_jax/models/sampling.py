@@ -10,6 +10,7 @@ outside the map contribute zero (padding_mode='zeros'), as in
 from __future__ import annotations
 
 import jax.numpy as jnp
+from jax import lax
 
 
 def _corners(g, size):
@@ -63,8 +64,9 @@ def bilinear_sample_matmul(features, coords):
   _, h, w, _ = features.shape
   wy = interpolation_matrix(coords[..., 0], h, features.dtype)  # (B, P, H)
   wx = interpolation_matrix(coords[..., 1], w, features.dtype)  # (B, P, W)
-  rows = jnp.einsum('bph,bhwc->bpwc', wy, features)
-  return jnp.einsum('bpw,bpwc->bpc', wx, rows)
+  hi = lax.Precision.HIGHEST  # exact interpolation on TPU too, like the gather form
+  rows = jnp.einsum('bph,bhwc->bpwc', wy, features, precision=hi)
+  return jnp.einsum('bpw,bpwc->bpc', wx, rows, precision=hi)
 
 
 SAMPLERS = {'gather': bilinear_sample, 'matmul': bilinear_sample_matmul}
