@@ -151,3 +151,28 @@ def test_cli_verify_fails_and_writes_nothing_when_parity_breaks(tmp_path, reduce
   captured = capsys.readouterr()
   assert code == 1, captured
   assert 'parity FAILED' in captured.out and not out.exists()
+
+
+def test_main_eval_path_loads_converted_weights_with_the_converter_logits(tmp_path, capsys):
+  """The weights `main --config.mode=eval --config.init_from=DIR` evaluates give the logits
+  the converter's --verify measured (and the official fixture's)."""
+  needs_fixture()
+  from debiformer_jax import sharding, train
+  out = tmp_path / 'converted'
+  assert convert_torch_weights.main(
+      ['--model', 'debi_tiny', '--model-override', 'depths=(1,1,1,1)', '--checkpoint',
+       str(FIXTURE / 'debi_reduced_seed7.pth'), '--output', str(out), '--verify']) == 0
+  assert 'parity OK' in capsys.readouterr().out
+  model = DeBiFormer(get_config('debiformer_tiny', **REDUCED))
+  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 224, 224, 3))))
+  mesh = sharding.make_mesh()
+  shardings = sharding.state_shardings(abstract, mesh, 'dp', 2 ** 18)
+  placed = train.place_weights(str(out), train.with_shardings(abstract, shardings),
+                               drop_head=False)
+  direct = load_torch_checkpoint(str(FIXTURE / 'debi_reduced_seed7.pth'), 'debi_tiny', **REDUCED)
+  for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(direct)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  x = np.load(FIXTURE / 'input_nchw.npy').transpose(0, 2, 3, 1)
+  logits = np.asarray(jax.jit(lambda v, x: model.apply(v, x))(placed, x))
+  ref = np.load(FIXTURE / 'logits.npy')
+  assert np.abs(logits - ref).max() <= tol(ref)
