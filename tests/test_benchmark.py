@@ -1,0 +1,87 @@
+"""The benchmark command end to end on a small model, and the analytic FLOP counter.
+
+Speed is measured by `python -m debiformer_jax.benchmark`, not here: nothing below asserts a
+timing.
+"""
+
+import json
+
+import jax
+import pytest
+
+from debiformer_jax import benchmark
+from debiformer_jax.models import get_config
+from debiformer_jax.models.flops import forward_macs, train_flops
+
+# One stage with a BRA and a DBRA, 28x28 input (a 7x7 map): compiles in seconds.
+ONE_STAGE = ['--override', 'depths=(1,)', '--override', 'widths=(32,)',
+             '--override', 'mlp_ratios=(2,)', '--override', 'attn1_deformable=(False,)',
+             '--override', 'topk1=(2,)', '--override', 'topk2=(3,)',
+             '--override', 'offset_groups=(1,)', '--override', 'offset_kernels=(3,)',
+             '--override', 'offset_strides=(1,)', '--override', 'dbra_mlp_ratios=(2,)',
+             '--override', 'rpe_sizes=(7,)', '--override', 'num_classes=10',
+             '--resolution', '28', '--batch', '2', '--steps', '2', '--warmup', '1']
+
+
+@pytest.mark.parametrize('name,official', [('debiformer_tiny', 2.64), ('debiformer_small', 5.40),
+                                           ('debiformer_base', 11.69)])
+def test_analytic_macs_reproduce_the_official_gmacs(name, official):
+  macs = forward_macs(get_config(name), 224)
+  assert abs(macs['total'] / 1e9 - official) <= 0.01 * official, macs
+  assert macs['total'] == sum(v for k, v in macs.items() if k != 'total')
+  assert train_flops(get_config(name), 224) == 6 * macs['total']
+
+
+def run(capsys, argv):
+  assert benchmark.main(argv) == 0
+  out = capsys.readouterr().out.strip().splitlines()
+  return out, json.loads(out[-1])
+
+
+def test_inference_with_torch_comparison_prints_every_field(capsys):
+  lines, result = run(capsys, ONE_STAGE + ['--mode', 'inference', '--compare-torch'])
+  table = '\n'.join(lines[:-1])
+  for field in ('images/s (median)', 'compile time', 'GFLOPs/image, XLA', 'GFLOPs/image, analytic',
+                'XLA / analytic', 'peak memory', 'MFU', 'PyTorch reference',
+                'speed-up vs PyTorch', 'implementation'):
+    assert field in table, field
+  assert result['mode'] == 'inference' and result['batch'] == 2 and result['resolution'] == 28
+  assert result['images_per_s'] > 0 and result['torch_images_per_s'] > 0
+  assert result['speedup_vs_torch'] == pytest.approx(
+      result['images_per_s'] / result['torch_images_per_s'])
+  assert result['speedup_vs_torch_best_step'] > 0 and result['residual_bytes'] is None
+  assert result['compile_s'] > 0 and result['peak_memory_bytes'] > 0
+  assert result['xla_gflops_per_image'] > 0 and result['analytic_gflops_per_image'] > 0
+  assert 'auto' not in result['implementation'].values()  # resolved for the backend
+  if jax.default_backend() == 'cpu':
+    assert result['mfu'] is None and 'MFU' in table and 'n/a' in table
+
+
+def test_train_with_remat_compare_reports_both_memories(capsys):
+  lines, result = run(capsys, ONE_STAGE + ['--mode', 'train', '--remat', '--remat-compare',
+                                           '--sampling', 'matmul', '--dense-routing', '0'])
+  assert result['mode'] == 'train' and result['implementation']['remat'] is True
+  assert result['implementation']['sampling'] == 'matmul'
+  assert result['implementation']['dense_routing'] == 0
+  assert result['remat_compare']['remat'] is False
+  assert result['remat_compare']['peak_memory_bytes'] > 0
+  assert result['analytic_gflops_per_image'] == pytest.approx(
+      3 * 2 * result['analytic_gmacs_forward'])
+  table = '\n'.join(lines[:-1])
+  assert 'peak memory, remat=False' in table and 'saved activations, remat=False' in table
+  assert 0 < result['residual_bytes'] < result['remat_compare']['residual_bytes']
+
+
+def test_bad_arguments_are_reported(capsys):
+  assert benchmark.main(ONE_STAGE + ['--resolution', '30']) == 2
+  assert 'does not split' in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    benchmark.main(['--override', 'depths'])
+
+
+def test_peak_flops_table():
+  assert benchmark.peak_flops('TPU v5 lite', 'bfloat16') == 197e12
+  assert benchmark.peak_flops('TPU v4', 'float32') == 275e12
+  assert benchmark.peak_flops('NVIDIA H100 80GB HBM3', 'bfloat16') == 989e12
+  assert benchmark.peak_flops('NVIDIA A100-SXM4-40GB', 'float32') == 156e12
+  assert benchmark.peak_flops('cpu', 'float32') is None
