@@ -96,13 +96,18 @@ def test_multihead_attention_matches_a_plain_computation():
 @pytest.mark.parametrize('stride', [1, 2, 4])
 def test_depthwise_conv_formulations_agree(stride):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 9, 5))
-  outs = []
-  for impl in ('grouped', 'shifted'):
+  outs, grads = [], []
+  for impl in ('grouped', 'shifted'):  # 'shifted' has a hand-written backward pass
     conv = DepthwiseConv(5, stride=stride, impl=impl)
     params = conv.init(jax.random.PRNGKey(1), x)
     outs.append(np.asarray(conv.apply(params, x)))
+    weight = jax.random.normal(jax.random.PRNGKey(2), outs[-1].shape)
+    grads.append(jax.grad(lambda p, x: (conv.apply(p, x) * weight).sum(), (0, 1))(params, x))
   assert outs[0].shape == (2, -(-11 // stride), -(-9 // stride), 5)
   np.testing.assert_allclose(outs[0], outs[1], atol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1])):
+    assert a.shape == b.shape and np.abs(a).max() > 0
+    np.testing.assert_allclose(a, b, atol=1e-4)
 
 
 def test_parameter_counts_match_the_official_models():
