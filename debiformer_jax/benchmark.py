@@ -3,6 +3,7 @@
   python -m debiformer_jax.benchmark --model debiformer_tiny --batch 8 --mode inference
   python -m debiformer_jax.benchmark --mode train --compare-torch
   python -m debiformer_jax.benchmark --mode train --remat --remat-compare
+  python -m debiformer_jax.benchmark --mode train --profile /tmp/debiformer-trace
 
 Inference is a jitted forward pass (eval mode). Train is one optimizer step as the training
 loop runs it: forward + backward of a softmax cross-entropy loss, BatchNorm statistics
@@ -21,15 +22,25 @@ dtype (bfloat16 through torch.autocast), torch.set_num_threads(core count), no_g
 inference, a torch AdamW step for train. JAX and torch steps alternate, so both see the same
 machine load; the speed-up is given for the median steps and for the best (least disturbed)
 steps. The last line of output is one JSON object with every number.
+
+--profile DIR traces two more steps with `jax.profiler` into DIR (open it with TensorBoard's
+profile plugin or Perfetto) and prints where the step time goes: every XLA op's time, summed
+per step and grouped by model part (from the op's name scope) and by direction (forward /
+backward: autodiff's transpose scope / other, e.g. the optimizer). Ops can overlap on a
+multi-core host, so the sum may exceed the step time.
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import collections
 import dataclasses
+import glob
+import gzip
 import json
 import os
+import re
 import statistics
 import sys
 import time
@@ -113,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help='train: also compile the other remat setting and report both peak memories')
   p.add_argument('--compare-torch', action='store_true',
                  help='time the PyTorch reference of the official model in the same run')
+  p.add_argument('--profile', metavar='DIR',
+                 help='trace two extra steps into DIR and print the time per model part')
   p.add_argument('--seed', type=int, default=0)
   return p
 
@@ -274,6 +287,64 @@ def torch_step(cfg, mode: str, batch: int, resolution: int, dtype: str, seed: in
 
 
 # ---------------------------------------------------------------------------------------------
+# Profile: op times by model part.
+
+PROFILE_STEPS = 2
+# First match wins; searched in the op's name scope (Flax module path + JAX transformations).
+PARTS = (('depthwise conv', r'/(dwconv|lepe|pos_embed\d|offset_dwconv)/'),
+         ('norm', r'/(norm\d|\w+_norm|stem_bn\d)/'),
+         ('stem + downsampling', r'/(stem_|downsample)'),
+         ('attention (BRA / DBRA)', r'/attn\d/'),
+         ('MLP', r'/mlp\d/'),
+         ('head', r'/(head|final_norm)'))
+
+
+def _op_scopes(compiled) -> Dict[str, str]:
+  """HLO instruction name -> its op_name metadata (the JAX name scope), from the HLO text."""
+  return dict(re.findall(r'^\s*(?:ROOT )?%?([\w.\-]+) = [^\n]*?op_name="([^"]*)"',
+                         compiled.as_text(), re.M))
+
+
+def profile_breakdown(trace_dir: str, compiled, steps: int,
+                      train: bool = True) -> Optional[Dict[str, Any]]:
+  """Op time per step from the newest trace in trace_dir: {'trace', 'total_ms', 'matmul_ms',
+  'parts': [(part, direction, ms, of which matmul/conv ms)]}; None if no op can be named."""
+  traces = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
+                  key=os.path.getmtime)
+  if not traces:
+    return None
+  with gzip.open(traces[-1]) as f:
+    events = json.load(f).get('traceEvents', [])
+  scopes = _op_scopes(compiled)
+  total, matmul = collections.Counter(), collections.Counter()
+  for e in events:
+    scope = scopes.get(e.get('name'))
+    if e.get('ph') != 'X' or scope is None:
+      continue
+    part = next((name for name, pattern in PARTS if re.search(pattern, scope)), 'other')
+    direction = ('backward' if 'transpose(' in scope else
+                 'forward' if not train or 'jvp(' in scope or part != 'other' else
+                 'other (optimizer, loss)')
+    ms = e['dur'] / 1e3 / steps
+    total[(part, direction)] += ms
+    if re.search(r'dot_general|conv_general_dilated', scope):
+      matmul[(part, direction)] += ms
+  if not total:
+    return None
+  rows = [(part, direction, ms, matmul[(part, direction)])
+          for (part, direction), ms in total.most_common()]
+  return {'trace': traces[-1], 'total_ms': sum(total.values()),
+          'matmul_ms': sum(matmul.values()), 'parts': rows}
+
+
+def _profile(run, compiled, trace_dir: str, train: bool) -> Optional[Dict[str, Any]]:
+  with jax.profiler.trace(trace_dir):
+    for _ in range(PROFILE_STEPS):
+      run()
+  return profile_breakdown(trace_dir, compiled, PROFILE_STEPS, train)
+
+
+# ---------------------------------------------------------------------------------------------
 
 def _timed(run) -> float:
   t0 = time.perf_counter()
@@ -324,6 +395,7 @@ def benchmark(args) -> Dict[str, Any]:
     if torch_run:
       torch_times.append(_timed(torch_run))
 
+  profile = _profile(run, compiled, args.profile, train) if args.profile else None
   median = statistics.median(times)
   ips = args.batch / median
   peak = peak_flops(device.device_kind, args.dtype)
@@ -343,6 +415,7 @@ def benchmark(args) -> Dict[str, Any]:
       'analytic_gmacs_forward': macs['total'] / 1e9,
       'xla_over_analytic': None if xla_flops is None else xla_flops / args.batch / analytic,
       'peak_memory_bytes': memory['peak_bytes'], 'memory': memory,
+      'profile': profile, 'profile_dir': args.profile,
       'residual_bytes': residuals,
       'device_peak_flops': peak,
       'mfu': None if peak is None else analytic * ips / (peak * n_dev),
@@ -408,7 +481,19 @@ def format_table(r: Dict[str, Any]) -> str:
     rows.append(('speed-up vs PyTorch', f"{r['speedup_vs_torch']:.2f}x median steps   "
                                         f"({r['speedup_vs_torch_best_step']:.2f}x best steps)"))
   width = max(len(k) for k, _ in rows)
-  return '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
+  table = '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
+  if r.get('profile'):
+    prof = r['profile']
+    lines = [f"\ntime per step by part ({prof['trace']}): op time summed, "
+             f"{prof['total_ms']:.0f} ms, of which matmuls/convs {prof['matmul_ms']:.0f} ms",
+             f"  {'part':<24} {'direction':<24} {'ms/step':>8} {'matmul':>8} {'share':>6}"]
+    for part, direction, ms, mm in prof['parts']:
+      lines.append(f'  {part:<24} {direction:<24} {ms:8.1f} {mm:8.1f} '
+                   f"{ms / prof['total_ms'] * 100:5.1f}%")
+    table += '\n'.join(lines)
+  elif 'profile' in r and r['profile'] is None and r.get('profile_dir'):
+    table += f"\nprofile: no op events could be named in the trace under {r['profile_dir']}"
+  return table
 
 
 def main(argv=None) -> int:

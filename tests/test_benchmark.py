@@ -38,8 +38,9 @@ def run(capsys, argv):
   return out, json.loads(out[-1])
 
 
-def test_inference_with_torch_comparison_prints_every_field(capsys):
-  lines, result = run(capsys, ONE_STAGE + ['--mode', 'inference', '--compare-torch'])
+def test_inference_with_torch_comparison_prints_every_field(capsys, tmp_path):
+  lines, result = run(capsys, ONE_STAGE + ['--mode', 'inference', '--compare-torch',
+                                           '--profile', str(tmp_path)])
   table = '\n'.join(lines[:-1])
   for field in ('images/s (median)', 'compile time', 'GFLOPs/image, XLA', 'GFLOPs/image, analytic',
                 'XLA / analytic', 'peak memory', 'MFU', 'PyTorch reference',
@@ -55,11 +56,13 @@ def test_inference_with_torch_comparison_prints_every_field(capsys):
   assert 'auto' not in result['implementation'].values()  # resolved for the backend
   if jax.default_backend() == 'cpu':
     assert result['mfu'] is None and 'MFU' in table and 'n/a' in table
+  assert {direction for _, direction, _, _ in result['profile']['parts']} == {'forward'}
 
 
-def test_train_with_remat_compare_reports_both_memories(capsys):
+def test_train_with_remat_compare_reports_both_memories_and_the_profile(capsys, tmp_path):
   lines, result = run(capsys, ONE_STAGE + ['--mode', 'train', '--remat', '--remat-compare',
-                                           '--sampling', 'matmul', '--dense-routing', '0'])
+                                           '--sampling', 'matmul', '--dense-routing', '0',
+                                           '--profile', str(tmp_path)])
   assert result['mode'] == 'train' and result['implementation']['remat'] is True
   assert result['implementation']['sampling'] == 'matmul'
   assert result['implementation']['dense_routing'] == 0
@@ -70,6 +73,14 @@ def test_train_with_remat_compare_reports_both_memories(capsys):
   table = '\n'.join(lines[:-1])
   assert 'peak memory, remat=False' in table and 'saved activations, remat=False' in table
   assert 0 < result['residual_bytes'] < result['remat_compare']['residual_bytes']
+  # The profile: a trace on disk, op time per (part, direction) that adds up to the total.
+  prof = result['profile']
+  assert prof['trace'].startswith(str(tmp_path)) and 'time per step by part' in table
+  parts = {(part, direction) for part, direction, _, _ in prof['parts']}
+  for part in ('attention (BRA / DBRA)', 'MLP', 'depthwise conv'):
+    assert (part, 'forward') in parts and (part, 'backward') in parts, parts
+  assert sum(ms for _, _, ms, _ in prof['parts']) == pytest.approx(prof['total_ms'])
+  assert 0 < prof['matmul_ms'] < prof['total_ms']
 
 
 def test_bad_arguments_are_reported(capsys):
