@@ -89,16 +89,18 @@ class Implementation:
 #  - dwconv 'shifted': XLA:CPU runs feature-grouped convs as slow generic loops (stage-0 MLP
 #    3x3 dwconv on 8x56x56x192: grouped 125 ms fwd / 430 ms fwd+bwd, shifted 6 ms / 20 ms
 #    with its custom VJP). TPU and GPU have native depthwise convolutions: 'grouped'.
-#  - sampling: on CPU the corner gathers are cheap forward (stage-0 rpe bias 12 ms vs 66 ms
-#    for the separable matmuls) but their backward is a scatter-add into the small rpe table
-#    (272 ms vs 135 ms): 'gather' for inference, 'matmul' for training. TPUs run gathers and
-#    scatters poorly and matmuls well; GPUs would serialise the scatter-add on atomics into a
-#    111x111 table: 'matmul' there (not measured: no accelerator in this project's CI).
+#  - sampling: on CPU the gathers are cheap forward (stage-0 rpe bias 12 ms vs 66 ms for the
+#    separable matmuls), and with the rpe bias read as one table window per point their
+#    backward (a window scatter-add) no longer loses: whole train step 1.99 s 'gather' vs
+#    2.23 s 'matmul'. 'gather' in both modes. TPUs run gathers and scatters poorly and matmuls
+#    well; GPUs would serialise the scatter-add on atomics into a 111x111 table: 'matmul'
+#    there (not measured: no accelerator was lent to this project).
 #  - dense_routing: dense masked routing removes the gather of duplicated key regions and
 #    its transposes; on CPU it wins wherever the dense logits are few (DBRA everywhere, BRA at
-#    stage 2): limit 2**18. On TPU the MXU makes the extra dense work cheap and gathers are
+#    stage 2): limit 2**18 (train step 1.99 s; never dense 2.67 s; 2**20 2.08 s). On TPU the MXU makes the extra dense work cheap and gathers are
 #    expensive: 2**20 also takes stage-1 BRA; stage-0 BRA (9.8M logits) keeps a one-hot gather.
-#  - region_gather: 'take' on CPU/GPU (a real gather is cheap there); 'onehot' on TPU.
+#  - region_gather: 'take' on CPU/GPU (a real gather is cheap there: train step 1.99 s vs
+#    2.04 s one-hot); 'onehot' on TPU.
 _CPU = dict(dwconv='shifted', sampling='gather', region_gather='take', dense_routing=2 ** 18)
 _TPU = dict(dwconv='grouped', sampling='matmul', region_gather='onehot', dense_routing=2 ** 20)
 _GPU = dict(dwconv='grouped', sampling='matmul', region_gather='take', dense_routing=2 ** 18)
