@@ -50,32 +50,34 @@ def test_bilinear_sampling_matches_torch_grid_sample(sampler):
 
 
 def test_region_partition_round_trip_and_order():
-  x = jnp.arange(2 * 6 * 4 * 1, dtype=jnp.float32).reshape(2, 6, 4, 1)
-  reg = routing.to_regions(x, 2)  # regions of 3x2
-  assert reg.shape == (2, 4, 6, 1)
-  # Region r = j*p + i covers rows 3j..3j+2 and columns 2i..2i+1, tokens row-major.
-  np.testing.assert_array_equal(reg[0, 1, :, 0], np.asarray(x[0, 0:3, 2:4, 0]).reshape(-1))
-  np.testing.assert_array_equal(reg[1, 2, :, 0], np.asarray(x[1, 3:6, 0:2, 0]).reshape(-1))
-  np.testing.assert_array_equal(routing.from_regions(reg, 2, 6, 4), x)
+  x = jnp.arange(2 * 6 * 4 * 4, dtype=jnp.float32).reshape(2, 6, 4, 4)
+  reg = routing.to_head_regions(x, 2, heads=2)  # regions of 3x2, two heads of 2 channels
+  assert reg.shape == (2, 2, 4, 6, 2)
+  # Region r = j*p + i covers rows 3j..3j+2 and columns 2i..2i+1, tokens row-major; head m
+  # holds channels 2m..2m+1.
+  np.testing.assert_array_equal(reg[0, 0, 1], np.asarray(x[0, 0:3, 2:4, 0:2]).reshape(6, 2))
+  np.testing.assert_array_equal(reg[1, 1, 2], np.asarray(x[1, 3:6, 0:2, 2:4]).reshape(6, 2))
+  np.testing.assert_array_equal(routing.from_head_regions(reg, 2, 6, 4), x)
 
 
 @pytest.mark.parametrize('impl', ['take', 'onehot'])
 def test_routing_and_gather_match_a_plain_loop(impl):
   rng = np.random.default_rng(1)
-  n, r, t, c, k = 2, 9, 4, 6, 3
+  n, m, r, t, c, k = 2, 2, 9, 4, 6, 3
   q = rng.normal(size=(n, r, c)).astype(np.float32)
   key = rng.normal(size=(n, r, c)).astype(np.float32)
-  kv = rng.normal(size=(n, r, t, c)).astype(np.float32)
+  kv = rng.normal(size=(2, n, m, r, t, c)).astype(np.float32)
   scale = c ** -0.5
   idx = np.asarray(routing.route(jnp.asarray(q), jnp.asarray(key), k, scale))
   gathered = np.asarray(routing.gather_regions(jnp.asarray(kv), jnp.asarray(idx), impl))
+  assert gathered.shape == (2, n, m, r, k * t, c)
   for b in range(n):
     for i in range(r):
       scores = [(q[b, i] * scale) @ key[b, j] for j in range(r)]
       best = sorted(range(r), key=lambda j: -scores[j])[:k]
       assert set(idx[b, i].tolist()) == set(best)
-      expect = np.concatenate([kv[b, j] for j in idx[b, i]], 0)
-      np.testing.assert_allclose(gathered[b, i], expect, atol=1e-6)
+      expect = np.concatenate([kv[:, b, :, j] for j in idx[b, i]], 2)  # (2, m, k*T, c)
+      np.testing.assert_allclose(gathered[:, b, :, i], expect, atol=1e-6)
 
 
 def test_multihead_attention_matches_a_plain_computation():
@@ -241,9 +243,8 @@ def test_unknown_implementation_values_are_named():
   with pytest.raises(ValueError, match='dense_routing'):
     Implementation(dense_routing=-1).resolve('cpu')
   for backend in ('cpu', 'tpu', 'gpu'):
-    for train in (False, True):
-      impl = Implementation.for_backend(backend, train)
-      assert impl.resolve(backend, train) == impl and 'auto' not in dataclasses.astuple(impl)
+    impl = Implementation.for_backend(backend)
+    assert impl.resolve(backend) == impl and 'auto' not in dataclasses.astuple(impl)
 
 
 def test_train_mode_updates_batch_stats_and_uses_drop_path(small_model):

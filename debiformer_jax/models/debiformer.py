@@ -61,15 +61,17 @@ class Implementation:
   remat_policy: str = 'dots_no_batch'
 
   @classmethod
-  def for_backend(cls, backend: str | None = None, train: bool = False) -> 'Implementation':
-    """The measured (CPU) or reasoned (TPU, GPU) best choice for a backend; see BACKEND_DEFAULTS."""
-    backend = backend or jax.default_backend()
-    table = BACKEND_DEFAULTS.get(backend, BACKEND_DEFAULTS['cpu'])
-    return cls(**table['train' if train else 'inference'])
+  def for_backend(cls, backend: str | None = None) -> 'Implementation':
+    """The measured (CPU) or reasoned (TPU, GPU) best choice for a backend; see BACKEND_DEFAULTS.
 
-  def resolve(self, backend: str | None = None, train: bool = False) -> 'Implementation':
+    The same in training and inference: no measurement favoured another choice in either.
+    """
+    backend = backend or jax.default_backend()
+    return cls(**BACKEND_DEFAULTS.get(backend, BACKEND_DEFAULTS['cpu']))
+
+  def resolve(self, backend: str | None = None) -> 'Implementation':
     """This implementation with every 'auto' replaced by the backend's default; checked."""
-    best = Implementation.for_backend(backend, train)
+    best = Implementation.for_backend(backend)
     fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     fields = {k: getattr(best, k) if v == 'auto' else v for k, v in fields.items()}
     out = Implementation(**fields)
@@ -84,7 +86,7 @@ class Implementation:
     return out
 
 
-# Per backend and mode. CPU numbers: DeBiFormer-T, batch 8, 224, float32, 2-core AMD EPYC
+# Per backend. CPU numbers: DeBiFormer-T, batch 8, 224, float32, 2-core AMD EPYC
 # (Zen 4) with XLA:CPU, medians measured side by side in one process (docs/performance.md).
 #  - dwconv 'shifted': XLA:CPU runs feature-grouped convs as slow generic loops (stage-0 MLP
 #    3x3 dwconv on 8x56x56x192: grouped 125 ms fwd / 430 ms fwd+bwd, shifted 6 ms / 20 ms
@@ -97,20 +99,15 @@ class Implementation:
 #    there (not measured: no accelerator was lent to this project).
 #  - dense_routing: dense masked routing removes the gather of duplicated key regions and
 #    its transposes; on CPU it wins wherever the dense logits are few (DBRA everywhere, BRA at
-#    stage 2): limit 2**18 (train step 1.99 s; never dense 2.67 s; 2**20 2.08 s). On TPU the MXU makes the extra dense work cheap and gathers are
-#    expensive: 2**20 also takes stage-1 BRA; stage-0 BRA (9.8M logits) keeps a one-hot gather.
+#    stage 2): limit 2**18 (train step 1.99 s; never dense 2.67 s; 2**20 2.08 s). On TPU the
+#    MXU makes the extra dense work cheap and gathers are expensive: 2**20 also takes stage-1
+#    BRA; stage-0 BRA (9.8M logits) keeps a one-hot gather.
 #  - region_gather: 'take' on CPU/GPU (a real gather is cheap there: train step 1.99 s vs
 #    2.04 s one-hot); 'onehot' on TPU.
 _CPU = dict(dwconv='shifted', sampling='gather', region_gather='take', dense_routing=2 ** 18)
 _TPU = dict(dwconv='grouped', sampling='matmul', region_gather='onehot', dense_routing=2 ** 20)
 _GPU = dict(dwconv='grouped', sampling='matmul', region_gather='take', dense_routing=2 ** 18)
-BACKEND_DEFAULTS = {
-    'cpu': {'inference': _CPU, 'train': _CPU},
-    'tpu': {'inference': _TPU, 'train': _TPU},
-    'gpu': {'inference': _GPU, 'train': _GPU},
-    'cuda': {'inference': _GPU, 'train': _GPU},
-    'rocm': {'inference': _GPU, 'train': _GPU},
-}
+BACKEND_DEFAULTS = {'cpu': _CPU, 'tpu': _TPU, 'gpu': _GPU, 'cuda': _GPU, 'rocm': _GPU}
 
 
 class Block(nn.Module):
@@ -123,7 +120,7 @@ class Block(nn.Module):
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    cfg, s, impl = self.config, self.stage, self.impl.resolve(train=train)
+    cfg, s, impl = self.config, self.stage, self.impl.resolve()
     common = dict(num_heads=cfg.num_heads[s], n_win=cfg.n_win, side_dwconv=cfg.side_dwconv,
                   dwconv_impl=impl.dwconv, gather_impl=impl.region_gather,
                   dense_routing=impl.dense_routing, dtype=self.dtype)
@@ -160,7 +157,7 @@ class DeBiFormer(nn.Module):
   """DeBiFormer classifier. Parameters in float32; activations in `dtype`.
 
   `impl` says how it is computed (`Implementation`; 'auto' fields are resolved per backend
-  and mode when the model is called), never what.
+  when the model is called), never what.
 
   Parameter tree: `stem_conv1`, `stem_bn1`, `stem_conv2`, `stem_bn2`, then
   `downsample{s}_conv`, `downsample{s}_bn` for s >= 1, `stage{s}_block{b}` (Block), `norm`
@@ -179,7 +176,7 @@ class DeBiFormer(nn.Module):
     cfg.check_input_size(x.shape[1], x.shape[2])
     x = x.astype(self.dtype)
     rates = cfg.drop_path_rates()
-    impl = self.impl.resolve(train=train)
+    impl = self.impl.resolve()
     block_cls = Block
     if impl.remat:
       block_cls = nn.remat(Block, static_argnums=(2,), policy=REMAT_POLICIES[impl.remat_policy])

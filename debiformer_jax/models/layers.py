@@ -195,9 +195,10 @@ def _depthwise_shifted_bwd(stride, res, g):
   gp = lax.pad(g, zero, ((0, 0, 0), (p, h + p - ((ho - 1) * stride + 1), stride - 1),
                          (p, w + p - ((wo - 1) * stride + 1), stride - 1), (0, 0, 0)))
   dx = _shifted_sum(gp, kernel[::-1, ::-1], 1, h, w)
-  # d/dkernel, one image at a time: the k*k reductions of an image's views stay in cache,
-  # ~2x faster on XLA:CPU than whole-batch reductions. (Computing dx inside the same loop
-  # costs a full-size dynamic-update-slice per image: 11% of a DeBiFormer-T train step.)
+  # d/dkernel, one image at a time: the k*k reductions of an image's views stay in cache
+  # (XLA:CPU, 8x56x56x192, k=3: 12-15 ms against 59 ms for whole-batch reductions). Computing
+  # dx inside the same loop costs a full-size dynamic-update-slice per image: 11% of a
+  # DeBiFormer-T train step.
   dk = lax.map(lambda a: _depthwise_kernel_grad(stride, a[0][None], a[1][None], k), (x, g))
   return dx, dk.sum(0).reshape(kernel.shape).astype(kernel.dtype)
 

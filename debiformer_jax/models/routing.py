@@ -11,20 +11,6 @@ import jax.numpy as jnp
 from jax import lax
 
 
-def to_regions(x, p: int):
-  """(N, H, W, C) -> (N, p*p, (H/p)*(W/p), C)."""
-  n, h, w, c = x.shape
-  x = x.reshape(n, p, h // p, p, w // p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(n, p * p, (h // p) * (w // p), c)
-
-
-def from_regions(x, p: int, h: int, w: int):
-  """(N, p*p, (H/p)*(W/p), C) -> (N, H, W, C); the inverse of `to_regions`."""
-  n, _, _, c = x.shape
-  x = x.reshape(n, p, p, h // p, w // p, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(n, h, w, c)
-
-
 def route(q_regions, k_regions, topk: int, scale: float):
   """Indices (N, R, topk) of the `topk` key regions with the largest routing logits.
 
@@ -36,26 +22,6 @@ def route(q_regions, k_regions, topk: int, scale: float):
   k = lax.stop_gradient(k_regions).astype(jnp.float32)
   logits = jnp.einsum('nrc,nsc->nrs', q * scale, k)
   return lax.top_k(logits, topk)[1]
-
-
-def gather_regions(kv, idx, impl: str = 'take'):
-  """Selects, for each query region, its routed key/value regions.
-
-  kv: (N, R, T, C) tokens of every region; idx: (N, R, k) routed region indices.
-  Returns (N, R, k*T, C).
-    'take':   integer indexing (a gather);
-    'onehot': a one-hot (R×k, R) matrix times the region axis (a matmul; suits the MXU).
-  """
-  n, r, t, c = kv.shape
-  k = idx.shape[-1]
-  if impl == 'take':
-    out = jax.vmap(lambda kv_n, idx_n: kv_n[idx_n])(kv, idx)  # (N, R, k, T, C)
-  elif impl == 'onehot':
-    sel = jax.nn.one_hot(idx, r, dtype=kv.dtype)  # (N, R, k, R)
-    out = jnp.einsum('nqks,nstc->nqktc', sel, kv)
-  else:
-    raise ValueError(f"unknown region gather implementation {impl!r}; choose 'take' or 'onehot'.")
-  return out.reshape(n, r, k * t, c)
 
 
 def multihead_attention(q, k, v, heads: int, scale: float, bias=None):
@@ -108,8 +74,14 @@ def from_head_regions(x, p: int, h: int, w: int):
   return x.reshape(n, h, w, m * c)
 
 
-def _gather_head_regions(kv, idx, impl: str):
-  """kv: (2, N, m, R, T, c) keys and values; idx: (N, R, k) -> (2, N, m, R, k*T, c)."""
+def gather_regions(kv, idx, impl: str = 'take'):
+  """Selects, for each query region, the tokens of its routed key regions.
+
+  kv: (2, N, m, R, T, c) keys and values per head and region; idx: (N, R, k) routed region
+  indices. Returns (2, N, m, R, k*T, c).
+    'take':   integer indexing (a gather);
+    'onehot': a one-hot (R×k, R) matrix times the region axis (a matmul; suits the MXU).
+  """
   _, n, m, r, t, c = kv.shape
   k = idx.shape[-1]
   if impl == 'take':
@@ -162,6 +134,6 @@ def bilevel_attention(q, k, v, *, n_win: int, heads: int, topk: int, scale: floa
       mask = mask.reshape(n, 1, r * tq, r * t)
       out = attend(flat(qh), flat(kh), flat(vh), mask=mask).reshape(qh.shape)
     else:
-      kv = _gather_head_regions(jnp.stack([kh, vh]), idx, gather_impl)
+      kv = gather_regions(jnp.stack([kh, vh]), idx, gather_impl)
       out = attend(qh, kv[0], kv[1])
   return from_head_regions(out, p, hq, wq)
