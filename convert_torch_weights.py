@@ -13,23 +13,12 @@ of the official model, and writes an orbax checkpoint that
 from __future__ import annotations
 
 import argparse
-import ast
 import dataclasses
 import sys
 
 import numpy as np
 
-
-def parse_override(text: str):
-  """'depths=(1,1,1,1)' -> ('depths', (1, 1, 1, 1))."""
-  name, sep, value = text.partition('=')
-  if not sep:
-    raise argparse.ArgumentTypeError(f'--model-override takes FIELD=VALUE, got {text!r}')
-  try:
-    return name.strip(), ast.literal_eval(value.strip())
-  except (ValueError, SyntaxError):
-    raise argparse.ArgumentTypeError(f'--model-override {text!r}: {value!r} is not a Python '
-                                     f'literal (e.g. depths=(1,1,1,1) or num_classes=10)')
+from debiformer_jax.models.config import parse_override
 
 
 def build_parser() -> argparse.ArgumentParser:

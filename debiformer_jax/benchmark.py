@@ -5,23 +5,25 @@
   python -m debiformer_jax.benchmark --mode train --remat --remat-compare
   python -m debiformer_jax.benchmark --mode train --profile /tmp/debiformer-trace
 
-Inference is a jitted forward pass (eval mode). Train is one optimizer step as the training
-loop runs it: forward + backward of a softmax cross-entropy loss, BatchNorm statistics
-update, optax AdamW update, state donated. Images/s is the median over the timed steps (each
-ended with block_until_ready) after the warm-up steps. FLOPs per image: XLA's count for the
-compiled step (`cost_analysis`) next to the analytic count from the config
+Inference is a jitted forward pass (eval mode). Train is the training loop's own step
+(`train.train_step` with the ImageNet recipe: mixup/cutmix, label smoothing, drop path,
+grad-norm clipping, AdamW, BatchNorm statistics; state donated). Images/s is the median over
+the timed steps (each ended with block_until_ready) after the warm-up steps. FLOPs per image:
+XLA's count for the compiled step (`cost_analysis`) next to the analytic count from the config
 (`debiformer_jax.models.flops`; train = 3x forward). Peak memory: the compiled executable's
 `memory_analysis` (temporaries + arguments + outputs, minus outputs aliased to donated
 arguments); in train mode also the activations the forward pass saves for the backward pass
 (what --remat trades for recomputation; XLA:CPU's peak does not shrink with remat, its
-scheduler keeps the recomputed values alive, while these residuals do). MFU = analytic FLOPs x images/s / the device's peak, where the peak is known.
+scheduler keeps the recomputed values alive, while these residuals do). MFU = analytic
+FLOPs x images/s / the device's peak, where the peak is known.
 
 --compare-torch times our PyTorch reference of the official model
 (`debiformer_jax.reference.torch_debiformer`) in the same process: eager, same batch and
 dtype (bfloat16 through torch.autocast), torch.set_num_threads(core count), no_grad for
-inference, a torch AdamW step for train. JAX and torch steps alternate, so both see the same
-machine load; the speed-up is given for the median steps and for the best (least disturbed)
-steps. The last line of output is one JSON object with every number.
+inference, cross-entropy and a torch AdamW step for train (no mixup or clipping: a little
+less work than ours). JAX and torch steps alternate, so both see the same machine load; the
+speed-up is given for the median steps and for the best (least disturbed) steps. The last
+line of output is one JSON object with every number.
 
 --profile DIR traces two more steps with `jax.profiler` into DIR (open it with TensorBoard's
 profile plugin or Perfetto) and prints where the step time goes: every XLA op's time, summed
@@ -33,9 +35,9 @@ multi-core host, so the sum may exceed the step time.
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import dataclasses
+import functools
 import glob
 import gzip
 import json
@@ -49,9 +51,10 @@ from typing import Any, Dict, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
+from debiformer_jax import config_defaults, train
 from debiformer_jax.models import Implementation, create_model, get_config
+from debiformer_jax.models.config import parse_override
 from debiformer_jax.models.flops import forward_macs
 
 DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
@@ -81,18 +84,6 @@ def peak_flops(device_kind: str, dtype: str) -> Optional[float]:
     if key.lower() in device_kind.lower():
       return bf16 if dtype == 'bfloat16' else f32
   return None
-
-
-def parse_override(text: str):
-  """'depths=(1,1)' -> ('depths', (1, 1))."""
-  name, sep, value = text.partition('=')
-  if not sep:
-    raise argparse.ArgumentTypeError(f'--override takes FIELD=VALUE, got {text!r}')
-  try:
-    return name.strip(), ast.literal_eval(value.strip())
-  except (ValueError, SyntaxError):
-    raise argparse.ArgumentTypeError(f'--override {text!r}: {value!r} is not a Python literal '
-                                     f'(e.g. depths=(1,1,1,1) or num_classes=10)')
 
 
 def _auto_or_int(text: str):
@@ -160,25 +151,19 @@ def _memory(compiled) -> Dict[str, Optional[int]]:
 
 def residual_bytes(model, batch: int, resolution: int) -> Optional[int]:
   """Bytes of activations the forward pass saves for the backward pass (JAX's residuals of the
-  loss w.r.t. the parameters, arguments excluded): the backend-independent activation memory
-  that rematerialisation trades for recomputation. None if this JAX cannot say."""
+  training loss w.r.t. the parameters, arguments excluded): the backend-independent activation
+  memory that rematerialisation trades for recomputation. None if this JAX cannot say."""
   try:
     from jax._src.ad_checkpoint import saved_residuals
   except ImportError:
     return None
   cfg = model.config
   images = jax.ShapeDtypeStruct((batch, resolution, resolution, cfg.in_chans), jnp.float32)
-  labels = jnp.zeros((batch,), jnp.int32)
-  shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), images)
-  variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-  x = jnp.zeros(images.shape, images.dtype)
-
-  def loss(params):
-    logits, _ = model.apply({'params': params, 'batch_stats': variables['batch_stats']}, x,
-                            train=True, mutable=['batch_stats'],
-                            rngs={'dropout': jax.random.PRNGKey(0)})
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-
+  variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
+                           jax.eval_shape(model.init, jax.random.PRNGKey(0), images))
+  args = (variables['batch_stats'], jnp.zeros(images.shape, images.dtype),
+          jnp.full((batch, cfg.num_classes), 1.0 / cfg.num_classes), jax.random.PRNGKey(0))
+  loss = lambda params: train.loss_fn(params, *args, model=model)[0]
   try:
     found = saved_residuals(loss, variables['params'])
   except Exception:  # a private JAX helper: never let it break the benchmark
@@ -187,59 +172,45 @@ def residual_bytes(model, batch: int, resolution: int) -> Optional[int]:
              if 'argument' not in why)
 
 
-def make_inference_step(model):
-  return jax.jit(lambda variables, images: model.apply(variables, images))
-
-
-def make_train_step(model, tx, num_classes: int):
-  """(params, batch_stats, opt_state, step), images, labels -> new state, loss. Donated state."""
-
-  def step(state, images, labels):
-    params, batch_stats, opt_state, count = state
-
-    def loss_fn(p):
-      logits, new = model.apply({'params': p, 'batch_stats': batch_stats}, images, train=True,
-                                mutable=['batch_stats'],
-                                rngs={'dropout': jax.random.fold_in(jax.random.PRNGKey(0), count)})
-      loss = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-      return loss.mean(), new['batch_stats']
-
-    (loss, new_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return (optax.apply_updates(params, updates), new_stats, opt_state, count + 1), loss
-
-  return jax.jit(step, donate_argnums=(0,))
-
-
 def compile_step(model, mode: str, batch: int, resolution: int, seed: int):
-  """Returns (compiled, compile_seconds, run) where run() performs one step and blocks."""
+  """Returns (compiled, compile_seconds, run) where run() performs one step and blocks.
+
+  Train is the training loop's own step (`train.train_step`) with the ImageNet recipe of
+  `config_defaults`: mixup/cutmix, label smoothing, drop path, grad-norm clipping and AdamW
+  with its weight-decay mask, BatchNorm statistics, state donated.
+  """
   cfg = model.config
   rng = np.random.default_rng(seed)
   images = jnp.asarray(rng.normal(size=(batch, resolution, resolution, cfg.in_chans)),
                        jnp.float32)
-  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), images[:1])
   if mode == 'inference':
-    fn = make_inference_step(model)
+    variables = jax.jit(model.init)(jax.random.PRNGKey(seed), images[:1])
     t0 = time.perf_counter()
-    compiled = fn.lower(variables, images).compile()
+    compiled = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).compile()
     seconds = time.perf_counter() - t0
 
     def run():
       jax.block_until_ready(compiled(variables, images))
 
     return compiled, seconds, run
+  config = config_defaults.base_config()
+  # Any schedule will do: its values do not change the step's cost.
+  schedule = train.make_schedule(config, steps_per_epoch=1000, total_steps=300_000)
+  tx = train.make_optimizer(config, schedule)
+  state = [jax.jit(functools.partial(train.init_state, model=model, tx=tx,
+                                     image_size=resolution, use_ema=False))(
+      jax.random.PRNGKey(seed))]
   labels = jnp.asarray(rng.integers(0, cfg.num_classes, size=(batch,)), jnp.int32)
-  tx = optax.adamw(1e-3, weight_decay=0.05)
-  params = variables['params']
-  state = [(params, variables['batch_stats'], tx.init(params), jnp.zeros((), jnp.int32))]
-  fn = make_train_step(model, tx, cfg.num_classes)
+  data = {'image': images, 'label': labels}
+  step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
+                           num_classes=cfg.num_classes, data_config=config.data, ema_decay=0.0)
   t0 = time.perf_counter()
-  compiled = fn.lower(state[0], images, labels).compile()
+  compiled = jax.jit(step, donate_argnums=0).lower(state[0], data).compile()
   seconds = time.perf_counter() - t0
 
   def run():
-    new_state, loss = compiled(state[0], images, labels)
-    jax.block_until_ready((new_state, loss))
+    new_state, metrics = compiled(state[0], data)
+    jax.block_until_ready((new_state, metrics))
     state[0] = new_state
 
   return compiled, seconds, run
@@ -360,7 +331,7 @@ def benchmark(args) -> Dict[str, Any]:
                         region_gather=args.region_gather, dense_routing=args.dense_routing,
                         remat=args.remat, remat_policy=args.remat_policy)
   train = args.mode == 'train'
-  resolved = impl.resolve(train=train)
+  resolved = impl.resolve()
   model = create_model(args.model, dtype=DTYPES[args.dtype], impl=impl, **overrides)
   device = jax.devices()[0]
 

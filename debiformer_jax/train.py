@@ -227,6 +227,15 @@ def eval_variables(state: TrainState) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Steps.
 
+def loss_fn(params, batch_stats, images, targets, dropout_rng, *, model):
+  """(mean softmax cross-entropy against soft `targets`, updated batch_stats), train mode."""
+  logits, mutated = model.apply({'params': params, 'batch_stats': batch_stats}, images,
+                                train=True, rngs={'dropout': dropout_rng},
+                                mutable=['batch_stats'])
+  loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
+  return loss, mutated.get('batch_stats', {})
+
+
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule, num_classes: int,
                data_config: ml_collections.ConfigDict, ema_decay: float):
   """One update. Returns the new state and on-device metrics."""
@@ -238,14 +247,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule, num_class
       mixup_alpha=data_config.mixup, cutmix_alpha=data_config.cutmix,
       switch_prob=data_config.mixup_switch_prob, label_smoothing=data_config.label_smoothing)
 
-  def loss_fn(params):
-    logits, mutated = model.apply({'params': params, 'batch_stats': state.batch_stats}, images,
-                                  train=True, rngs={'dropout': dropout_rng},
-                                  mutable=['batch_stats'])
-    loss = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets).mean()
-    return loss, mutated.get('batch_stats', {})
-
-  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params, state.batch_stats, images, targets, dropout_rng, model=model)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
   ema = state.ema_params
@@ -264,15 +267,23 @@ def compile_train_step(config: ml_collections.ConfigDict, *, model, tx, schedule
   The state is donated: its buffers are reused for the new state.
   """
   batch_sharding = sharding.batch_sharding(mesh)
-  size = (config.global_batch_size, config.image_size, config.image_size, 3)
-  abstract_batch = {'image': jax.ShapeDtypeStruct(size, jnp.float32, sharding=batch_sharding),
-                    'label': jax.ShapeDtypeStruct(size[:1], jnp.int32, sharding=batch_sharding)}
   step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
                               num_classes=num_classes, data_config=config.data,
                               ema_decay=config.ema_decay)
   return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
                  out_shardings=(state_sharding, sharding.replicated(mesh)),
-                 donate_argnums=0).lower(abstract_state, abstract_batch).compile()
+                 donate_argnums=0).lower(abstract_state, _abstract_batch(config, mesh)).compile()
+
+
+def _abstract_batch(config: ml_collections.ConfigDict, mesh, *, with_mask: bool = False) -> dict:
+  """Shapes of a global batch split over 'data': image, label (and the eval mask)."""
+  batch_sharding = sharding.batch_sharding(mesh)
+  size = (config.global_batch_size, config.image_size, config.image_size, 3)
+  batch = {'image': jax.ShapeDtypeStruct(size, jnp.float32, sharding=batch_sharding),
+           'label': jax.ShapeDtypeStruct(size[:1], jnp.int32, sharding=batch_sharding)}
+  if with_mask:
+    batch['mask'] = jax.ShapeDtypeStruct(size[:1], jnp.float32, sharding=batch_sharding)
+  return batch
 
 
 def eval_step(variables: dict, batch: dict, totals: dict, *, model, num_classes: int) -> dict:
@@ -291,21 +302,17 @@ def eval_step(variables: dict, batch: dict, totals: dict, *, model, num_classes:
 
 
 def compile_eval_step(config: ml_collections.ConfigDict, *, model, num_classes: int, mesh,
-                      abstract_state):
-  """The eval step, compiled ahead of time (like the train step) for the eval variables of
-  `abstract_state` and global eval batches split over 'data'; the totals stay replicated."""
-  batch_sharding = sharding.batch_sharding(mesh)
-  size = (config.global_batch_size, config.image_size, config.image_size, 3)
-  abstract_batch = {'image': jax.ShapeDtypeStruct(size, jnp.float32, sharding=batch_sharding),
-                    'label': jax.ShapeDtypeStruct(size[:1], jnp.int32, sharding=batch_sharding),
-                    'mask': jax.ShapeDtypeStruct(size[:1], jnp.float32, sharding=batch_sharding)}
+                      abstract_variables):
+  """The eval step, compiled ahead of time (like the train step) for `abstract_variables`
+  ({'params', 'batch_stats'} with shardings) and global eval batches split over 'data'; the
+  totals stay replicated."""
   replicated = sharding.replicated(mesh)
   abstract_totals = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       jax.eval_shape(empty_totals))
   step_fn = functools.partial(eval_step, model=model, num_classes=num_classes)
   return jax.jit(step_fn, out_shardings=replicated).lower(
-      eval_variables(abstract_state), abstract_batch, abstract_totals).compile()
+      abstract_variables, _abstract_batch(config, mesh, with_mask=True), abstract_totals).compile()
 
 
 def empty_totals() -> dict:
@@ -437,7 +444,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                            state_sharding=state_sharding)
   _log_chief('Compiled the train step in %.1fs.', time.perf_counter() - t0)
   compiled_eval_step = compile_eval_step(config, model=model, num_classes=info.num_classes,
-                                         mesh=mesh, abstract_state=abstract_state)
+                                         mesh=mesh,
+                                         abstract_variables=eval_variables(abstract_state))
   # Processes compile at their own pace; the first step's collectives wait only ~30 s (gloo).
   distributed.barrier('compiled')
 
@@ -528,13 +536,14 @@ def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict
   abstract = {'params': abstract['params'], 'batch_stats': abstract.get('batch_stats', {})}
   shardings = sharding.state_shardings(abstract, mesh, config.sharding, config.fsdp_min_size)
   source = config.init_from or workdir
-  variables = place_weights(source, with_shardings(abstract, shardings), drop_head=False)
+  abstract = with_shardings(abstract, shardings)
+  variables = place_weights(source, abstract, drop_head=False)
   step = 0
   if not config.init_from:
     step = int(checkpointing.make_manager(checkpointing.checkpoint_dir(workdir),
                                           read_only=True).latest_step())
-  compiled_eval_step = jax.jit(
-      functools.partial(eval_step, model=model, num_classes=info.num_classes))
+  compiled_eval_step = compile_eval_step(config, model=model, num_classes=info.num_classes,
+                                         mesh=mesh, abstract_variables=abstract)
   metrics = evaluate(compiled_eval_step, variables, config, mesh)
   writer = _metric_writer(workdir, jax.process_index() == 0)
   writer.write_scalars(step, metrics)

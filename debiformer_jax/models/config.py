@@ -12,8 +12,10 @@ top-k entry -2 builds (k=49 at n_win=7).
 
 from __future__ import annotations
 
+import argparse
+import ast
 import dataclasses
-from typing import Tuple
+from typing import Any, Tuple
 
 IntTuple = Tuple[int, ...]
 
@@ -170,3 +172,16 @@ def get_config(name: str, **overrides) -> DeBiFormerConfig:
                      f'{", ".join(sorted(fields))}.')
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
   return dataclasses.replace(PRESETS[canonical], **overrides).validate()
+
+
+def parse_override(text: str) -> Tuple[str, Any]:
+  """'depths=(1,1,1,1)' -> ('depths', (1, 1, 1, 1)): a command-line config-field override
+  (argparse `type=`; errors are ArgumentTypeErrors, which argparse prints with the flag)."""
+  name, sep, value = text.partition('=')
+  if not sep:
+    raise argparse.ArgumentTypeError(f'expected FIELD=VALUE, got {text!r}')
+  try:
+    return name.strip(), ast.literal_eval(value.strip())
+  except (ValueError, SyntaxError):
+    raise argparse.ArgumentTypeError(f'{text!r}: {value!r} is not a Python literal '
+                                     f'(e.g. depths=(1,1,1,1) or num_classes=10)')
