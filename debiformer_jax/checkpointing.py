@@ -59,14 +59,14 @@ def _best_metric(metrics: Mapping[str, float]) -> float:
 
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *,
-         metrics: Mapping[str, float] | None = None, meta: Mapping[str, Any] | None = None) -> bool:
+         metrics: Mapping[str, float] | None = None) -> bool:
   """Saves `state` at `step` (asynchronously; `manager.wait_until_finished()` to block).
 
   `metrics` with an 'eval/top1' entry make the step a candidate for "best".
   """
   if step in manager.all_steps():
     return False
-  meta = {'step': int(step), **(meta or {})}
+  meta = {'step': int(step)}
   metrics = None if metrics is None else {k: float(v) for k, v in metrics.items()}
   return manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                      meta=ocp.args.JsonSave(meta)),
@@ -92,9 +92,8 @@ def _restore_numpy(path: str) -> Any:
     return ckptr.restore(path, args=ocp.args.PyTreeRestore(restore_args=restore_args))
 
 
-def load_training_variables(directory: str, step: int | None = None,
-                            use_ema: bool = True) -> tuple[dict, dict]:
-  """{'params', 'batch_stats'} (numpy) of a training checkpoint, and its meta.
+def load_training_variables(directory: str, use_ema: bool = True) -> tuple[dict, dict]:
+  """{'params', 'batch_stats'} (numpy) of the latest training checkpoint, and its meta.
 
   `directory` is a workdir or its checkpoints/ folder. With `use_ema` the EMA params are
   returned when the checkpoint has them (they are what was evaluated).
@@ -103,7 +102,7 @@ def load_training_variables(directory: str, step: int | None = None,
   if not os.path.isdir(ckpt_dir):
     ckpt_dir = directory
   manager = make_manager(ckpt_dir, read_only=True)
-  step = manager.latest_step() if step is None else step
+  step = manager.latest_step()
   if step is None:
     raise FileNotFoundError(
         f'{directory} holds no training checkpoint (no complete step directory in {ckpt_dir}) '
