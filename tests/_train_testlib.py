@@ -14,6 +14,7 @@ import os
 import shutil
 import sys
 import tempfile
+import time
 
 import jax
 import numpy as np
@@ -140,3 +141,28 @@ def read_scalars(workdir: str) -> dict:
 
 def python() -> str:
   return sys.executable
+
+
+def wait_all(procs, timeout: float):
+  """Waits for every process. When one fails or the time runs out, gives its partners a moment
+  to report and kills whatever still runs. Returns None if all exited 0, else what went wrong."""
+  deadline = time.monotonic() + timeout
+  failed = None
+  try:
+    while any(p.poll() is None for p in procs):
+      if time.monotonic() > deadline:
+        failed = f'timed out after {timeout:.0f}s'
+        break
+      bad = [p for p in procs if p.poll() not in (None, 0)]
+      if bad:
+        failed = f'a process exited with {bad[0].returncode}'
+        time.sleep(2.0)
+        break
+      time.sleep(0.1)
+  finally:
+    for p in procs:
+      if p.poll() is None:
+        p.kill()
+  if failed is None and any(p.returncode != 0 for p in procs):
+    failed = 'a process failed'
+  return failed

@@ -20,6 +20,7 @@ import jax
 import pytest
 
 from debiformer_jax import distributed
+from tests import _train_testlib as lib
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(REPO, "tests", "_distributed_worker.py")
@@ -338,26 +339,8 @@ def _run_pair(first_signal: str = "TERM", timeout: float = 120.0):
                        stderr=subprocess.STDOUT, text=True)
       for i in range(2)
   ]
-  deadline = time.monotonic() + timeout
-  failed = None
-  try:
-    while any(p.poll() is None for p in procs):
-      if time.monotonic() > deadline:
-        failed = f"timed out after {timeout:.0f}s"
-        break
-      bad = [p for p in procs if p.poll() not in (None, 0)]
-      if bad:
-        failed = f"a worker exited with {bad[0].returncode}"
-        time.sleep(1.0)  # let its partner report too, then stop it
-        break
-      time.sleep(0.1)
-  finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
-    outputs = [p.communicate(timeout=30)[0] for p in procs]
-  if failed is None and any(p.returncode != 0 for p in procs):
-    failed = "a worker failed"
+  failed = lib.wait_all(procs, timeout)  # Kills what still runs.
+  outputs = [p.communicate(timeout=30)[0] for p in procs]
   if failed:
     pytest.fail(failed + "\n" + "\n".join(
         f"--- worker {i} (rc={p.returncode}) ---\n{out[-4000:]}"

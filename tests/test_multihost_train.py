@@ -20,7 +20,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -77,28 +76,13 @@ def _run_two_processes(workdir: str, folder: str, out_dir: str) -> list[dict]:
   procs = [subprocess.Popen([sys.executable, WORKER, results[i]] + flags + [f'--process_id={i}'],
                             env=env, cwd=lib.REPO, stdout=logs[i], stderr=subprocess.STDOUT)
            for i in range(2)]
-  deadline = time.monotonic() + TIMEOUT
-  failed = None
   try:
-    while any(p.poll() is None for p in procs):
-      if time.monotonic() > deadline:
-        failed = f'timed out after {TIMEOUT:.0f}s'
-        break
-      if any(p.poll() not in (None, 0) for p in procs):
-        failed = 'a process failed'
-        time.sleep(2.0)  # Let its partner report too, then stop it.
-        break
-      time.sleep(0.2)
+    failed = lib.wait_all(procs, TIMEOUT)  # Kills what still runs.
   finally:
-    for p in procs:
-      if p.poll() is None:
-        p.kill()
     for p in procs:
       p.wait(timeout=30)
     for f in logs:
       f.close()
-  if failed is None and any(p.returncode != 0 for p in procs):
-    failed = 'a process failed'
   if failed is None and not all(os.path.exists(r) for r in results):
     failed = 'a process wrote no result'
   if failed:

@@ -6,6 +6,7 @@ reached, say so, and exit with status 0. Relaunched with the same workdir, it re
 step and finishes: TensorBoard then holds a train loss for every step exactly once.
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -52,13 +53,19 @@ def _wait(proc, log_path: str, until=None, timeout: float = TIMEOUT) -> str:
     time.sleep(0.05)
 
 
-def _launch(workdir: str, folder: str, log_path: str):
-  log = open(log_path, 'w')
-  proc = subprocess.Popen(_command(workdir, folder), cwd=lib.REPO,
-                          env=lib.subprocess_env(PYTHONUNBUFFERED='1'), stdout=log,
-                          stderr=subprocess.STDOUT)
-  log.close()  # The child holds its own descriptor.
-  return proc
+@contextlib.contextmanager
+def _launched(workdir: str, folder: str, log_path: str):
+  """The job as a child process writing to `log_path`; killed if still running at the end."""
+  with open(log_path, 'w') as log:  # The child holds its own descriptor.
+    proc = subprocess.Popen(_command(workdir, folder), cwd=lib.REPO,
+                            env=lib.subprocess_env(PYTHONUNBUFFERED='1'), stdout=log,
+                            stderr=subprocess.STDOUT)
+  try:
+    yield proc
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait(timeout=30)
 
 
 def test_sigterm_saves_the_current_step_and_the_relaunch_resumes(tmp_path):
@@ -66,17 +73,12 @@ def test_sigterm_saves_the_current_step_and_the_relaunch_resumes(tmp_path):
   workdir = str(tmp_path / 'workdir')
   first_log, second_log = str(tmp_path / 'first.log'), str(tmp_path / 'second.log')
 
-  proc = _launch(workdir, folder, first_log)
-  try:
+  with _launched(workdir, folder, first_log) as proc:
     log = _wait(proc, first_log, until=lambda log: re.search(rf'step 2/{TOTAL_STEPS} ', log))
     assert proc.poll() is None, f'exited early (rc={proc.returncode})\n{log[-4000:]}'
     proc.send_signal(signal.SIGTERM)
     log = _wait(proc, first_log)
     proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait(timeout=30)
   assert proc.returncode == 0, log[-4000:]
   saved = re.search(r'Preempted: saved a checkpoint of step (\d+)/(\d+) in (\S+);', log)
   assert saved, log[-4000:]
@@ -87,14 +89,9 @@ def test_sigterm_saves_the_current_step_and_the_relaunch_resumes(tmp_path):
   manager = checkpointing.make_manager(ckpt_dir, read_only=True)
   assert manager.all_steps() == [stopped_at]
 
-  proc = _launch(workdir, folder, second_log)
-  try:
+  with _launched(workdir, folder, second_log) as proc:
     log = _wait(proc, second_log)
     proc.wait(timeout=30)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait(timeout=30)
   assert proc.returncode == 0, log[-4000:]
   assert re.search(rf'Resumed from {re.escape(ckpt_dir)} at step {stopped_at}\.', log), log[-4000:]
   assert re.search(rf'step {TOTAL_STEPS}/{TOTAL_STEPS} ', log), log[-4000:]
