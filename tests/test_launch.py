@@ -1,411 +1,456 @@
-"""Tests for the launch/ scripts.
+"""Tests for launch/tpu_pod.sh, launch/slurm.sbatch and the commands in launch/README.md.
 
-Every script is run with --dry-run and a PATH whose gcloud / sbatch / srun /
-tar / git / ssh / scp are fakes that record the call and fail: a dry run must
-print the exact commands and execute none of them. A second set of fakes only
-records its argv; running the scripts for real against those checks that what
---dry-run prints is exactly what would be executed.
+The scripts run with fake gcloud / sbatch / srun / tar first on PATH. The fakes
+record their argv and succeed, so a dry run must record nothing, and a real run
+must pass the fakes exactly the commands its dry run prints. The remote command
+strings go through `bash -n`, and `run`'s and `logs`' through bash itself.
 """
 
 import os
+import re
 import shlex
-import stat
+import shutil
+import socket
 import subprocess
+import time
 
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TPU = os.path.join(REPO, "launch", "tpu_pod.sh")
-SLURM = os.path.join(REPO, "launch", "slurm_gpu.sh")
-SBATCH = os.path.join(REPO, "launch", "slurm_gpu.sbatch")
-SCRIPTS = [TPU, SLURM, SBATCH]
+TPU = os.path.join(REPO, 'launch', 'tpu_pod.sh')
+SBATCH = os.path.join(REPO, 'launch', 'slurm.sbatch')
+README = os.path.join(REPO, 'launch', 'README.md')
 
-FAKED = ("gcloud", "sbatch", "srun", "tar", "git", "ssh", "scp", "gsutil")
-# Variables the scripts read; cleared so the caller's environment cannot leak in.
-SCRIPT_ENV = ("TPU_NAME", "ZONE", "PROJECT", "ACCELERATOR_TYPE", "RUNTIME_VERSION",
-              "REPO_URL", "BRANCH", "REMOTE_DIR", "CONFIG", "WORKDIR", "DATA_DIR",
-              "PYTHON", "NODES", "GPUS_PER_NODE", "CPUS_PER_TASK", "TIME_LIMIT",
-              "PARTITION", "ACCOUNT", "QOS", "JOB_NAME", "REPO_DIR",
-              "DEBIFORMER_PYTHON", "SLURM_CPUS_PER_TASK", "SLURM_JOB_ID",
-              "SLURM_NTASKS", "SLURM_JOB_NUM_NODES")
-
-FORBIDDEN = """#!/bin/sh
-echo "$(basename "$0") $*" >> "$FAKE_CALLS"
-echo "fake $(basename "$0") must not be called in a dry run" >&2
-exit 97
-"""
+FAKED = ('gcloud', 'sbatch', 'srun', 'tar')
+# Read by the scripts or set by SLURM: cleared so that the caller's environment cannot leak in.
+CLEARED = ('TPU_NAME', 'ZONE', 'PROJECT', 'PYTHON', 'SLURM_CPUS_PER_TASK', 'SLURM_JOB_ID')
+# Records argv, NUL-separated, one call per line; exits with FAKE_RC (default 0).
 RECORDER = """#!/bin/bash
 { printf '%s\\0' "$(basename "$0")" "$@"; printf '\\n'; } >> "$FAKE_CALLS"
-exit 0
+exit "${FAKE_RC:-0}"
 """
 
-
-def _make_bin(directory, body):
-  os.makedirs(directory, exist_ok=True)
-  for name in FAKED:
-    path = os.path.join(directory, name)
-    with open(path, "w") as f:
-      f.write(body)
-    os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
-  return directory
+SSH = 'gcloud compute tpus tpu-vm ssh my-tpu --zone=us-central2-b'
+LOG = '$HOME/debiformer-logs/train-$(hostname).log'
+INSTALL = 'cd debiformer-jax && python3 -m pip install -r requirements.txt "jax[tpu]"'
+TARBALL = '/tmp/debiformer-jax-src.tar.gz'
+WHERE = ('--name', 'my-tpu', '--zone', 'us-central2-b')
 
 
-class Runner:
-  """Runs a launch script with fake tools first on PATH."""
+def write_executable(path, text):
+  with open(path, 'w') as f:
+    f.write(text)
+  os.chmod(path, 0o755)
 
-  def __init__(self, tmp_path, body):
-    os.makedirs(tmp_path, exist_ok=True)
-    self.bin = _make_bin(str(tmp_path / "bin"), body)
-    self.calls_file = str(tmp_path / "calls")
 
-  def __call__(self, script, *args, env=None, via_bash=False):
-    full_env = {k: v for k, v in os.environ.items() if k not in SCRIPT_ENV}
-    full_env["PATH"] = self.bin + os.pathsep + full_env.get("PATH", "/usr/bin:/bin")
-    full_env["FAKE_CALLS"] = self.calls_file
-    full_env.update(env or {})
-    argv = (["bash", script] if via_bash else [script]) + list(args)
-    return subprocess.run(argv, env=full_env, cwd=REPO, capture_output=True,
+class Fakes:
+  """Runs commands with the recording fakes first on PATH."""
+
+  def __init__(self, tmp_path):
+    self.bin = str(tmp_path / 'bin')
+    os.makedirs(self.bin)
+    for name in FAKED:
+      write_executable(os.path.join(self.bin, name), RECORDER)
+    self.calls_file = str(tmp_path / 'calls')
+
+  def env(self, extra=None):
+    env = {k: v for k, v in os.environ.items() if k not in CLEARED}
+    env['PATH'] = self.bin + os.pathsep + env['PATH']
+    env['FAKE_CALLS'] = self.calls_file
+    env.update(extra or {})
+    return env
+
+  def __call__(self, *argv, env=None, cwd=REPO):
+    return subprocess.run(list(argv), env=self.env(env), cwd=cwd, capture_output=True,
                           text=True, timeout=30)
 
   def calls(self):
     if not os.path.exists(self.calls_file):
-      return ""
+      return []
     with open(self.calls_file) as f:
-      return f.read()
+      return [chunk.split('\0') for chunk in f.read().split('\0\n') if chunk]
 
 
 @pytest.fixture
-def dry(tmp_path):
-  runner = Runner(tmp_path / "dry", FORBIDDEN)
-  yield runner
-  assert runner.calls() == "", "a dry run executed: " + runner.calls()
+def fake(tmp_path):
+  return Fakes(tmp_path)
 
 
-@pytest.fixture
-def real(tmp_path):
-  """Fakes that record argv (NUL-separated, one call per line) and succeed."""
-  runner = Runner(tmp_path / "real", RECORDER)
-
-  def recorded():
-    data = runner.calls()
-    calls = []
-    for chunk in data.split("\0\n"):
-      if chunk:
-        calls.append(chunk.split("\0"))
-    return calls
-
-  runner.recorded = recorded
-  return runner
-
-
-def lines(result):
+def dry(fake, *argv, env=None, cwd=REPO):
+  """The lines a dry run prints; it must succeed, be quiet on stderr and run nothing."""
+  before = fake.calls()
+  result = fake(*argv, env=env, cwd=cwd)
   assert result.returncode == 0, result.stderr
+  assert result.stderr == ''
+  assert fake.calls() == before
   return result.stdout.splitlines()
 
 
-def assert_usage_error(result, *needles):
-  assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
-  assert result.stdout == ""
-  assert "error" in result.stderr and "--help" in result.stderr
-  for needle in needles:
-    assert needle in result.stderr
+def assert_usage_error(fake, result, needle):
+  assert result.returncode == 2, (result.stdout, result.stderr)
+  assert result.stdout == ''
+  assert len(result.stderr.splitlines()) == 1, result.stderr
+  assert 'error' in result.stderr and needle in result.stderr
+  assert fake.calls() == []
+
+
+def remote_command(line):
+  """The --command= of a printed `gcloud ... ssh` line, checked with `bash -n`."""
+  commands = [a for a in shlex.split(line) if a.startswith('--command=')]
+  assert len(commands) == 1, line
+  command = commands[0][len('--command='):]
+  subprocess.run(['bash', '-n', '-c', command], check=True, timeout=10)
+  return command
 
 
 # --------------------------------------------------------------------------- #
-# Basic hygiene
+# Both scripts
 # --------------------------------------------------------------------------- #
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize('script', [TPU, SBATCH])
 def test_script_is_strict_bash(script):
   with open(script) as f:
     text = f.read()
-  assert text.startswith("#!/usr/bin/env bash\n")
-  assert "set -euo pipefail" in text
+  assert text.startswith('#!/usr/bin/env bash\n')
+  assert '\nset -euo pipefail\n' in text
   assert os.access(script, os.X_OK)
-  subprocess.run(["bash", "-n", script], check=True, timeout=10)
+  subprocess.run(['bash', '-n', script], check=True, timeout=10)
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
-def test_help(dry, script):
-  result = dry(script, "--help", via_bash=script == SBATCH)
-  assert result.returncode == 0, result.stderr
-  assert "--dry-run" in result.stdout
-  assert "Usage" in result.stdout or "SLURM" in result.stdout
+def test_readme_covers_every_script():
+  with open(README) as f:
+    text = f.read()
+  scripts = sorted(set(os.listdir(os.path.dirname(README))) - {'README.md'})
+  assert scripts == ['slurm.sbatch', 'tpu_pod.sh']
+  for name in scripts:
+    assert f'| `{name}` |' in text, name
 
 
 # --------------------------------------------------------------------------- #
 # tpu_pod.sh
 # --------------------------------------------------------------------------- #
 
-SSH = "gcloud compute tpus tpu-vm ssh my-tpu --zone=us-central2-b"
-LOG = "$HOME/debiformer-logs/train-$(hostname).log"
+
+def test_tpu_help(fake):
+  out = '\n'.join(dry(fake, TPU, '--help'))
+  assert out.startswith('Usage: tpu_pod.sh COMMAND')
+  for word in ('create', 'setup', 'run', 'logs', 'stop', 'delete', '--name', '--zone',
+               '--project', '--accelerator-type', '--version', '--spot', '--preemptible',
+               '--repo-url', '--worker', '--follow', '--yes', '--dry-run'):
+    assert word in out
 
 
-def test_tpu_create(dry):
-  out = lines(dry(TPU, "--dry-run", "create", "--name", "my-tpu", "--zone",
-                  "us-central2-b", "--accelerator-type", "v4-32", "--spot"))
-  assert out == [
-      "gcloud compute tpus tpu-vm create my-tpu --zone=us-central2-b "
-      "--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot"]
+def test_tpu_create(fake):
+  assert dry(fake, TPU, '--dry-run', 'create', *WHERE, '--accelerator-type', 'v4-32',
+             '--spot') == [
+      'gcloud compute tpus tpu-vm create my-tpu --zone=us-central2-b '
+      '--accelerator-type=v4-32 --version=tpu-ubuntu2204-base --spot']
 
 
-def test_tpu_create_from_env(dry):
-  out = lines(dry(TPU, "create", "--dry-run", "--preemptible", env=dict(
-      TPU_NAME="pod1", ZONE="us-east5-b", ACCELERATOR_TYPE="v6e-16",
-      RUNTIME_VERSION="v2-alpha-tpuv6e", PROJECT="my-proj")))
-  assert out == [
-      "gcloud compute tpus tpu-vm create pod1 --zone=us-east5-b --project=my-proj "
-      "--accelerator-type=v6e-16 --version=v2-alpha-tpuv6e --preemptible"]
+def test_tpu_environment_defaults(fake):
+  env = dict(TPU_NAME='pod1', ZONE='us-east5-b', PROJECT='my-proj')
+  assert dry(fake, TPU, 'create', '--dry-run', '--preemptible', '--accelerator-type',
+             'v6e-16', '--version', 'v2-alpha-tpuv6e', env=env) == [
+      'gcloud compute tpus tpu-vm create pod1 --zone=us-east5-b --project=my-proj '
+      '--accelerator-type=v6e-16 --version=v2-alpha-tpuv6e --preemptible']
+  # Flags win over the environment, in either spelling; no zone leaves it to gcloud.
+  assert dry(fake, TPU, 'delete', '--dry-run', '--name=n2', '--project', 'p2',
+             env=dict(TPU_NAME='n1', PROJECT='p1')) == [
+      'gcloud compute tpus tpu-vm delete n2 --project=p2']
 
 
-def test_tpu_flags_override_env_and_inline_values(dry):
-  out = lines(dry(TPU, "create", "--dry-run", "--name=n2", "--zone=z2",
-                  "--accelerator-type=v5litepod-16", "--runtime-version=v2-alpha-tpuv5-lite",
-                  env=dict(TPU_NAME="n1", ZONE="z1", ACCELERATOR_TYPE="v4-8")))
-  assert out == [
-      "gcloud compute tpus tpu-vm create n2 --zone=z2 "
-      "--accelerator-type=v5litepod-16 --version=v2-alpha-tpuv5-lite"]
-
-
-def test_tpu_setup_copies_repo_to_all_workers(dry):
-  out = lines(dry(TPU, "setup", "--dry-run", "--name", "my-tpu", "--zone",
-                  "us-central2-b"))
-  tarball = "/tmp/debiformer-jax-src.tar.gz"
-  assert out == [
-      f"tar -C {REPO} --exclude=./.git --exclude=__pycache__ --exclude=.pytest_cache "
-      f"--exclude='./workdir*' --exclude=./runs --exclude=./out --exclude=./.venv "
-      f"-czf {tarball} .",
-      f"gcloud compute tpus tpu-vm scp {tarball} my-tpu:{tarball} "
-      "--zone=us-central2-b --worker=all",
+def test_tpu_setup_copies_checkout(fake):
+  assert dry(fake, TPU, 'setup', '--dry-run', *WHERE) == [
+      f'tar -C {REPO} --exclude=./.git --exclude=__pycache__ --exclude=.pytest_cache '
+      f"--exclude='./workdir*' --exclude=./runs --exclude=./out -czf {TARBALL} .",
+      f'gcloud compute tpus tpu-vm scp {TARBALL} my-tpu:{TARBALL} '
+      '--zone=us-central2-b --worker=all',
       f"{SSH} --worker=all --command='mkdir -p debiformer-jax && "
-      f"tar -xzf {tarball} -C debiformer-jax && cd debiformer-jax && "
-      "python3 -m pip install -U pip && "
-      "python3 -m pip install -r requirements.txt \"jax[tpu]\"'",
+      f"tar -xzf {TARBALL} -C debiformer-jax && {INSTALL}'",
   ]
 
 
-def test_tpu_setup_git_clone(dry):
-  out = lines(dry(TPU, "setup", "--dry-run", "--name", "my-tpu", "--zone",
-                  "us-central2-b", "--repo-url", "https://github.com/me/debiformer-jax.git",
-                  "--branch", "main", "--remote-dir", "src/dbf", "--project", "p"))
-  assert out == [
-      "gcloud compute tpus tpu-vm ssh my-tpu --zone=us-central2-b --project=p "
-      "--worker=all --command='if [ -d src/dbf/.git ]; then git -C src/dbf pull "
-      "--ff-only; else git clone --branch main "
-      "https://github.com/me/debiformer-jax.git src/dbf; fi && cd src/dbf && "
-      "python3 -m pip install -U pip && "
-      "python3 -m pip install -r requirements.txt \"jax[tpu]\"'"]
+def test_tpu_setup_archive_holds_the_code_only(fake, tmp_path):
+  # Run the printed tar for real (into tmp_path) on a copy of the checkout with run output in it.
+  src = tmp_path / 'src'
+  shutil.copytree(REPO, src, ignore=shutil.ignore_patterns('.git', '__pycache__'))
+  for junk in ('.git/config', 'workdir_small/ckpt', 'runs/a/events', 'out/x', 'pkg/__pycache__/m.pyc'):
+    os.makedirs(os.path.dirname(src / junk), exist_ok=True)
+    (src / junk).write_text('junk')
+  shutil.copy(TPU, src / 'launch' / 'tpu_pod.sh')
+  tar = shlex.split(dry(fake, str(src / 'launch' / 'tpu_pod.sh'), 'setup', '--dry-run',
+                        '--name', 't')[0])
+  tar[tar.index('-czf') + 1] = str(tmp_path / 'src.tar.gz')
+  subprocess.run(tar, check=True, timeout=30)
+  names = subprocess.run(['tar', '-tzf', str(tmp_path / 'src.tar.gz')], check=True,
+                         capture_output=True, text=True, timeout=30).stdout.split()
+  for wanted in ('./requirements.txt', './debiformer_jax/main.py', './configs/small.py'):
+    assert wanted in names
+  for name in names:
+    assert not re.match(r'\./(\.git|workdir|runs|out)\b', name), name
+    assert '__pycache__' not in name
 
 
-def test_tpu_run(dry):
-  result = dry(TPU, "run", "--dry-run", "--name", "my-tpu", "--zone", "us-central2-b",
-               "--config", "configs/small.py", "--workdir", "gs://bkt/runs/small",
-               "--data-dir", "gs://bkt/tensorflow_datasets", "--",
-               "--config.global_batch_size=2048", "--config.num_epochs=300")
-  out = lines(result)
+def test_tpu_setup_git_clone(fake):
+  out = dry(fake, TPU, 'setup', '--dry-run', *WHERE, '--repo-url',
+            'https://github.com/me/debiformer-jax.git')
   assert out == [
+      f"{SSH} --worker=all --command='if [ -d debiformer-jax/.git ]; then git -C "
+      'debiformer-jax pull --ff-only; else git clone https://github.com/me/debiformer-jax.git '
+      f"debiformer-jax; fi && {INSTALL}'"]
+  # An awkward URL stays one word on the worker.
+  command = remote_command(dry(fake, TPU, 'setup', '--dry-run', '--name', 't', '--repo-url',
+                               "/srv/my repo's.git")[0])
+  assert "git clone /srv/my\\ repo\\'s.git debiformer-jax" in command
+
+
+def test_tpu_run(fake):
+  assert dry(fake, TPU, 'run', '--dry-run', *WHERE, '--', '--config=configs/small.py',
+             '--workdir=gs://bkt/runs/small', '--config.data.data_dir=gs://bkt/tfds') == [
       f"{SSH} --worker=all --command='cd debiformer-jax && mkdir -p $HOME/debiformer-logs "
-      "&& nohup python3 -m debiformer_jax.main --config=configs/small.py "
-      "--workdir=gs://bkt/runs/small --config.data.data_dir=gs://bkt/tensorflow_datasets "
-      "--config.global_batch_size=2048 --config.num_epochs=300 "
+      '&& nohup python3 -m debiformer_jax.main --config=configs/small.py '
+      '--workdir=gs://bkt/runs/small --config.data.data_dir=gs://bkt/tfds '
       f"> {LOG} 2>&1 < /dev/null &'"]
-  assert result.stderr == ""
-  line = out[0]
-  for needle in ("--worker=all", "--zone=us-central2-b", "--config=configs/small.py",
-                 "nohup", "debiformer_jax.main"):
-    assert needle in line
 
 
-def test_tpu_run_quotes_awkward_arguments(dry):
-  out = lines(dry(TPU, "run", "--dry-run", "--name", "my-tpu", "--zone", "us-central2-b",
-                  "--workdir", "gs://b/w", "--", "--config.note=a b", "it's"))
-  argv = shlex.split(out[0])
-  command = [a for a in argv if a.startswith("--command=")][0][len("--command="):]
-  remote = shlex.split(command)
-  main = remote[remote.index("nohup") + 1:remote.index(">")]
-  assert main == ["python3", "-m", "debiformer_jax.main", "--config=configs/small.py",
-                  "--workdir=gs://b/w", "--config.note=a b", "it's"]
+def test_tpu_run_command_works_on_a_worker(fake, tmp_path):
+  # Run the remote command with bash as a worker would, in a home directory
+  # holding the code and a fake python3, with arguments bash must not touch.
+  main_args = ['--workdir=gs://b/w', '--config.note=a b', "it's", '$HOME', '*', '']
+  line = dry(fake, TPU, 'run', '--dry-run', '--name', 't', '--', *main_args)[0]
+  home = tmp_path / 'home'
+  os.makedirs(home / 'debiformer-jax')
+  record = tmp_path / 'python3.argv'
+  write_executable(str(tmp_path / 'bin' / 'python3'),
+                   '#!/bin/bash\n'
+                   f'printf "%s\\0" "$PWD" "$@" > {record}.part && mv {record}.part {record}\n'
+                   'echo training\n')
+  subprocess.run(['bash', '-c', remote_command(line)], env=fake.env(dict(HOME=str(home))),
+                 cwd=home, check=True, timeout=10)
+  deadline = time.time() + 10
+  while not record.exists() and time.time() < deadline:
+    time.sleep(0.05)
+  assert record.read_text().split('\0')[:-1] == [
+      str(home / 'debiformer-jax'), '-m', 'debiformer_jax.main', *main_args]
+  log = home / 'debiformer-logs' / f'train-{socket.gethostname()}.log'
+  deadline = time.time() + 10
+  while log.read_text() != 'training\n' and time.time() < deadline:
+    time.sleep(0.05)
+  assert log.read_text() == 'training\n'
 
 
-def test_tpu_run_warns_about_local_workdir(dry):
-  result = dry(TPU, "run", "--dry-run", "--name", "t", "--zone", "z", "--workdir", "/tmp/w")
+def test_tpu_run_warns_about_a_workdir_off_gcs(fake):
+  result = fake(TPU, 'run', '--dry-run', '--name', 't', '--', '--workdir=/tmp/w')
   assert result.returncode == 0
-  assert "not on GCS" in result.stderr
-  assert "--workdir=/tmp/w" in result.stdout
+  assert 'not on GCS' in result.stderr
+  assert '--workdir=/tmp/w' in result.stdout
 
 
-def test_tpu_logs_stop_delete(dry):
-  common = ("--dry-run", "--name", "my-tpu", "--zone", "us-central2-b")
-  assert lines(dry(TPU, "logs", *common)) == [
+def test_tpu_logs(fake, tmp_path):
+  assert dry(fake, TPU, 'logs', '--dry-run', *WHERE) == [
       f"{SSH} --worker=0 --command='tail -n 100 {LOG}'"]
-  assert lines(dry(TPU, "logs", *common, "--worker", "3", "--lines", "20", "-f")) == [
-      f"{SSH} --worker=3 --command='tail -n 20 -F {LOG}'"]
-  pat = '"[d]ebiformer_jax[.]main"'
-  assert lines(dry(TPU, "stop", *common)) == [
-      f"{SSH} --worker=all --command='pkill -TERM -f {pat} || exit 0; "
-      f"for i in $(seq 120); do pgrep -f {pat} > /dev/null || exit 0; sleep 1; done; "
-      f"pkill -KILL -f {pat}; true'"]
-  assert "$(seq 5)" in lines(dry(TPU, "stop", *common, "--grace", "5"))[0]
-  assert lines(dry(TPU, "delete", *common)) == [
-      "gcloud compute tpus tpu-vm delete my-tpu --zone=us-central2-b"]
-  assert lines(dry(TPU, "delete", *common, "--yes")) == [
-      "gcloud compute tpus tpu-vm delete my-tpu --zone=us-central2-b --quiet"]
+  line = dry(fake, TPU, 'logs', '--dry-run', *WHERE, '--worker', '3', '--follow')[0]
+  assert line == f"{SSH} --worker=3 --command='tail -n 100 -F {LOG}'"
+  # Without --follow, the command shows the end of this worker's log and returns.
+  home = tmp_path / 'home'
+  os.makedirs(home / 'debiformer-logs')
+  log = home / 'debiformer-logs' / f'train-{socket.gethostname()}.log'
+  log.write_text(''.join(f'{i}\n' for i in range(150)))
+  command = remote_command(dry(fake, TPU, 'logs', '--dry-run', '--name', 't')[0])
+  shown = subprocess.run(['bash', '-c', command], env=dict(os.environ, HOME=str(home)),
+                         capture_output=True, text=True, check=True, timeout=10).stdout
+  assert shown.split() == [str(i) for i in range(50, 150)]
 
 
-@pytest.mark.parametrize("args, needles", [
-    ((), ["missing COMMAND"]),
-    (("--dry-run",), ["missing COMMAND"]),
-    (("frobnicate", "--name", "t", "--zone", "z"), ["unknown command"]),
-    (("create", "--zone", "z", "--accelerator-type", "v4-8"), ["--name"]),
-    (("create", "--name", "t", "--accelerator-type", "v4-8"), ["--zone"]),
-    (("create", "--name", "t", "--zone", "z"), ["--accelerator-type"]),
-    (("create", "--name", "t", "--zone", "z", "--accelerator-type", "v4-8", "--spot",
-      "--preemptible"), ["exclusive"]),
-    (("run", "--name", "t", "--zone", "z"), ["--workdir"]),
-    (("run", "--name", "t", "--zone", "z", "--workdir"), ["needs a value"]),
-    (("logs", "--name", "t", "--zone", "z", "--worker", "x"), ["--worker"]),
-    (("stop", "--name", "t", "--zone", "z", "--grace", "soon"), ["--grace"]),
-    (("logs", "--name", "t", "--zone", "z", "--", "--x=1"), ["only for 'run'"]),
-    (("setup", "--name", "t", "--zone", "z", "--branch", "b"), ["--repo-url"]),
-    (("delete", "--name", "t", "--zone", "z", "--bogus"), ["unknown option"]),
-    (("delete", "--name", "t", "--zone", "z", "--spot=1"), ["does not take a value"]),
-    (("run", "delete", "--name", "t", "--zone", "z"), ["unexpected argument"]),
+def test_tpu_stop(fake):
+  line = dry(fake, TPU, 'stop', '--dry-run', *WHERE)[0]
+  assert line.startswith(f'{SSH} --worker=all --command=')
+  command = remote_command(line)
+  pattern = re.match(r'p="([^"]+)"; ', command).group(1)
+  assert command == (
+      f'p="{pattern}"; pkill -TERM -f "$p" || exit 0; for i in $(seq 120); do '
+      'pgrep -f "$p" > /dev/null || exit 0; sleep 1; done; pkill -KILL -f "$p" || true')
+  # pkill -f matches whole command lines: the training's, not that of the shell running this.
+  assert re.search(pattern, 'python3 -m debiformer_jax.main --workdir=gs://b/w')
+  assert not re.search(pattern, command)
+
+
+def test_tpu_delete(fake):
+  assert dry(fake, TPU, 'delete', '--dry-run', *WHERE) == [
+      'gcloud compute tpus tpu-vm delete my-tpu --zone=us-central2-b']
+  assert dry(fake, TPU, 'delete', '--dry-run', *WHERE, '--yes') == [
+      'gcloud compute tpus tpu-vm delete my-tpu --zone=us-central2-b --quiet']
+
+
+@pytest.mark.parametrize('args, needle', [
+    ((), 'missing COMMAND'),
+    (('--dry-run', '--name', 't'), 'missing COMMAND'),
+    (('frobnicate', '--name', 't'), 'unknown command frobnicate'),
+    (('create', '--accelerator-type', 'v4-8'), '--name'),
+    (('create', '--name', 't'), '--accelerator-type'),
+    (('run', '--name', 't'), '--workdir'),
+    (('run', '--name', 't', '--', '--workdir', 'gs://b/w'), '--workdir'),
+    (('run', '--name', 't', '--workdir=gs://b/w'), 'unknown option --workdir'),
+    (('logs', '--name'), '--name needs a value'),
+    (('delete', '--name', 't', '--bogus'), 'unknown option --bogus'),
+    (('run', 'delete', '--name', 't'), 'unexpected argument delete'),
 ])
-@pytest.mark.parametrize("dry_run", [True, False])
-def test_tpu_usage_errors(dry, args, needles, dry_run):
-  # Also without --dry-run: validation fails before anything could run.
-  result = dry(TPU, *(("--dry-run",) if dry_run else ()), *args)
-  assert_usage_error(result, *needles)
+@pytest.mark.parametrize('dry_run', [True, False])
+def test_tpu_usage_errors(fake, args, needle, dry_run):
+  # Also without --dry-run: the arguments are checked before anything runs.
+  result = fake(TPU, *(('--dry-run',) if dry_run else ()), *args)
+  assert_usage_error(fake, result, needle)
 
 
-def test_tpu_dry_run_matches_execution(dry, real):
+def test_tpu_dry_run_is_what_runs(fake):
   cases = [
-      ("create", "--name", "my-tpu", "--zone", "us-central2-b", "--accelerator-type",
-       "v4-32", "--spot", "--project", "p"),
-      ("setup", "--name", "my-tpu", "--zone", "us-central2-b"),
-      ("run", "--name", "my-tpu", "--zone", "us-central2-b", "--workdir", "gs://b/w",
-       "--data-dir", "gs://b/d", "--", "--config.note=a b", "it's"),
-      ("logs", "--name", "my-tpu", "--zone", "us-central2-b", "-f"),
-      ("stop", "--name", "my-tpu", "--zone", "us-central2-b"),
-      ("delete", "--name", "my-tpu", "--zone", "us-central2-b", "--yes"),
+      ('create', *WHERE, '--accelerator-type', 'v4-32', '--spot', '--project', 'p'),
+      ('setup', *WHERE),
+      ('setup', *WHERE, '--repo-url', 'https://example.com/r.git'),
+      ('run', *WHERE, '--', '--workdir=gs://b/w', '--config.note=a b', "it's"),
+      ('logs', *WHERE, '--follow'),
+      ('stop', *WHERE),
+      ('delete', *WHERE, '--yes'),
   ]
   expected = []
   for case in cases:
-    expected += [shlex.split(line) for line in lines(dry(TPU, "--dry-run", *case))]
-    result = real(TPU, *case)
+    printed = dry(fake, TPU, '--dry-run', *case)
+    expected += [shlex.split(line) for line in printed]
+    result = fake(TPU, *case)
     assert result.returncode == 0, result.stderr
-  assert real.recorded() == expected
+    # A real run shows each command on stderr as it starts it.
+    assert result.stderr.splitlines() == [f'+ {line}' for line in printed]
+  assert fake.calls() == expected
+
+
+def test_tpu_stops_at_the_first_failing_command(fake):
+  result = fake(TPU, 'setup', '--name', 't', env=dict(FAKE_RC='3'))
+  assert result.returncode == 3
+  assert [call[0] for call in fake.calls()] == ['tar']
 
 
 # --------------------------------------------------------------------------- #
-# slurm_gpu.sh / slurm_gpu.sbatch
+# slurm.sbatch
 # --------------------------------------------------------------------------- #
 
-
-def test_slurm_wrapper(dry):
-  out = lines(dry(SLURM, "--dry-run", "--nodes", "4", "--gpus-per-node", "8",
-                  "--partition", "gpu", "--account", "acc", "--time", "12:00:00",
-                  "--python", "/shared/venv/bin/python", "--requeue",
-                  "--config", "configs/small.py", "--workdir", "/shared/runs/small",
-                  "--data-dir", "/shared/tfds", "--", "--config.global_batch_size=1024"))
-  main = ("--config=configs/small.py --workdir=/shared/runs/small "
-          "--config.data.data_dir=/shared/tfds --config.global_batch_size=1024")
-  assert out == [
-      "sbatch --job-name=debiformer --nodes=4 --ntasks-per-node=8 --gres=gpu:8 "
-      f"--cpus-per-task=8 --time=12:00:00 --chdir={REPO} --partition=gpu --account=acc "
-      "--requeue --export=ALL,DEBIFORMER_PYTHON=/shared/venv/bin/python "
-      f"{SBATCH} {main}",
-      "# job step on each of the 4 node(s), 8 task(s) per node: "
-      "srun --kill-on-bad-exit=1 --cpus-per-task=8 /shared/venv/bin/python "
-      f"-m debiformer_jax.main {main}",
-  ]
-
-
-def test_slurm_wrapper_defaults_and_env(dry):
-  out = lines(dry(SLURM, "--dry-run", env=dict(
-      WORKDIR="/w", NODES="2", GPUS_PER_NODE="4", PARTITION="a100")))
-  assert out[0] == (
-      "sbatch --job-name=debiformer --nodes=2 --ntasks-per-node=4 --gres=gpu:4 "
-      f"--cpus-per-task=8 --time=48:00:00 --chdir={REPO} --partition=a100 "
-      f"{SBATCH} --config=configs/small.py --workdir=/w")
-  assert out[1].endswith(
-      "srun --kill-on-bad-exit=1 --cpus-per-task=8 python -m debiformer_jax.main "
-      "--config=configs/small.py --workdir=/w")
-
-
-@pytest.mark.parametrize("args, needles", [
-    ((), ["--workdir"]),
-    (("--dry-run",), ["--workdir"]),
-    (("--dry-run", "--workdir", "/w", "--nodes", "0"), ["--nodes"]),
-    (("--dry-run", "--workdir", "/w", "--gpus-per-node", "eight"), ["--gpus-per-node"]),
-    (("--dry-run", "--workdir", "/w", "--bogus"), ["unknown argument"]),
-    (("--dry-run", "--workdir"), ["needs a value"]),
-])
-def test_slurm_wrapper_usage_errors(dry, args, needles):
-  assert_usage_error(dry(SLURM, *args), *needles)
-
-
-def test_slurm_wrapper_dry_run_matches_execution(dry, real):
-  args = ("--nodes", "2", "--gpus-per-node", "4", "--workdir", "/shared/w", "--",
-          "--config.note=a b")
-  expected = shlex.split(lines(dry(SLURM, "--dry-run", *args))[0])
-  result = real(SLURM, *args)
-  assert result.returncode == 0, result.stderr
-  assert real.recorded() == [expected]
-
-
-def test_sbatch_script_dry_run(dry):
-  out = lines(dry(SBATCH, "--dry-run", "--config=configs/small.py", "--workdir=/w",
-                  "--config.data.data_dir=/d", via_bash=True))
-  assert out == ["srun --kill-on-bad-exit=1 python -m debiformer_jax.main "
-                 "--config=configs/small.py --workdir=/w --config.data.data_dir=/d"]
-  out = lines(dry(SBATCH, "--dry-run", "--config.x=1", via_bash=True, env=dict(
-      CONFIG="configs/tiny.py", WORKDIR="/w2", DATA_DIR="/d2", SLURM_CPUS_PER_TASK="12",
-      DEBIFORMER_PYTHON="/venv/bin/python")))
-  assert out == ["srun --kill-on-bad-exit=1 --cpus-per-task=12 /venv/bin/python -m "
-                 "debiformer_jax.main --config=configs/tiny.py --workdir=/w2 "
-                 "--config.data.data_dir=/d2 --config.x=1"]
-
-
-def test_sbatch_script_needs_workdir(dry):
-  result = dry(SBATCH, "--dry-run", "--config=configs/small.py", via_bash=True)
-  assert result.returncode == 2 and "--workdir" in result.stderr
-
-
-def test_sbatch_script_runs_srun_in_job(real):
-  # What SLURM does with the script: run it (from the spool) inside the job.
-  result = real(SBATCH, "--config=configs/small.py", "--workdir=/w", via_bash=True,
-                env=dict(SLURM_JOB_ID="77", SLURM_CPUS_PER_TASK="6"))
-  assert result.returncode == 0, result.stderr
-  assert real.recorded() == [[
-      "srun", "--kill-on-bad-exit=1", "--cpus-per-task=6", "python", "-m",
-      "debiformer_jax.main", "--config=configs/small.py", "--workdir=/w"]]
+MAIN = ['--config=configs/small.py', '--workdir=/shared/w', '--config.data.data_dir=/d']
 
 
 def test_sbatch_directives():
   with open(SBATCH) as f:
-    directives = [l.split(None, 1)[1].strip() for l in f if l.startswith("#SBATCH")]
-  assert "--ntasks-per-node=8" in directives
-  assert "--gres=gpu:8" in directives
-  assert "--signal=USR1@300" in directives
-  assert any(d.startswith("--nodes=") for d in directives)
+    text = f.read()
+  # sbatch reads #SBATCH lines only up to the first command of the script.
+  header = text[:text.index('\nset -euo pipefail\n')]
+  assert all(l.startswith('#') for l in header.splitlines())
+  assert re.findall(r'^#SBATCH (\S+)$', header, re.M) == [
+      '--job-name=debiformer', '--ntasks-per-node=8', '--gres=gpu:8', '--cpus-per-task=8',
+      '--signal=USR1@300', '--output=slurm-%x-%j.out', '--open-mode=append']
+  assert len(re.findall('^#SBATCH', text, re.M)) == 7
 
 
-def test_fakes_catch_execution(dry):
-  # Sanity check of the harness: without --dry-run the fake gcloud is reached.
-  result = dry(TPU, "delete", "--name", "t", "--zone", "z")
-  assert result.returncode == 97
-  assert dry.calls() == "gcloud compute tpus tpu-vm delete t --zone=z\n"
-  os.remove(dry.calls_file)  # so that the fixture's own check passes
+def test_sbatch_help(fake):
+  out = dry(fake, 'bash', SBATCH, '--help')
+  assert out[0].startswith('Multi-node GPU training of debiformer-jax under SLURM')
+  assert '  sbatch --nodes=2 --ntasks-per-node=8 --gres=gpu:8 --partition=gpu \\' in out
+  assert '--dry-run' in '\n'.join(out)
+  assert not any(l.startswith('#') for l in out)
 
 
-@pytest.mark.parametrize("sub, extra", [
-    ("setup", ()), ("setup", ("--repo-url", "https://example.com/r.git")),
-    ("run", ("--workdir", "gs://b/w", "--", "--config.note=a b")),
-    ("logs", ("-f",)), ("stop", ()),
+def test_sbatch_dry_run(fake):
+  assert dry(fake, 'bash', SBATCH, '--dry-run', *MAIN) == [
+      'srun --kill-on-bad-exit=1 python -m debiformer_jax.main ' + ' '.join(MAIN)]
+  out = dry(fake, 'bash', SBATCH, '--dry-run', '--workdir', '/w', '--config.note=a b',
+            env=dict(PYTHON='/venv/bin/python', SLURM_CPUS_PER_TASK='12'))
+  assert [shlex.split(l) for l in out] == [[
+      'srun', '--kill-on-bad-exit=1', '--cpus-per-task=12', '/venv/bin/python', '-m',
+      'debiformer_jax.main', '--workdir', '/w', '--config.note=a b']]
+
+
+def test_sbatch_in_a_job_runs_srun(fake, tmp_path):
+  # What SLURM does: run a copy of the script from its spool directory, in the
+  # directory the job was submitted from, with the job's environment.
+  spool = tmp_path / 'spool'
+  os.makedirs(spool)
+  shutil.copy(SBATCH, spool / 'slurm_script')
+  env = dict(SLURM_JOB_ID='77', SLURM_CPUS_PER_TASK='6', PYTHON='/venv/bin/python')
+  main = MAIN + ['--config.note=a b', "it's"]
+  result = fake('bash', str(spool / 'slurm_script'), *main, env=env)
+  assert result.returncode == 0, result.stderr
+  srun = ['srun', '--kill-on-bad-exit=1', '--cpus-per-task=6', '/venv/bin/python', '-m',
+          'debiformer_jax.main', *main]
+  assert fake.calls() == [srun]
+  # The job log shows what ran, and its dry run says the same.
+  assert [shlex.split(l) for l in result.stderr.splitlines()] == [['+', *srun]]
+  assert shlex.split(dry(fake, 'bash', SBATCH, '--dry-run', *main, env=env)[0]) == srun
+  # srun's failure is the job's failure.
+  result = fake('bash', str(spool / 'slurm_script'), *main, env=dict(env, FAKE_RC='5'))
+  assert result.returncode == 5
+
+
+@pytest.mark.parametrize('args, cwd, needle', [
+    (('--config=configs/small.py',), REPO, '--workdir'),
+    (('--dry-run', '--config=configs/small.py', '--workdir='), REPO, '--workdir'),
+    (('--dry-run', *MAIN), '/', 'repository root'),
 ])
-def test_tpu_remote_commands_are_valid_bash(dry, sub, extra):
-  out = lines(dry(TPU, sub, "--dry-run", "--name", "t", "--zone", "z", *extra))
-  command = [a for a in shlex.split(out[-1]) if a.startswith("--command=")][0]
-  subprocess.run(["bash", "-n", "-c", command[len("--command="):]], check=True, timeout=10)
+def test_sbatch_usage_errors(fake, args, cwd, needle):
+  assert_usage_error(fake, fake('bash', SBATCH, *args, cwd=cwd), needle)
+
+
+# --------------------------------------------------------------------------- #
+# launch/README.md
+# --------------------------------------------------------------------------- #
+
+
+def readme_commands(prefixes):
+  """The README's indented command lines that start with one of prefixes, continuations joined."""
+  with open(README) as f:
+    text = f.read().replace('\\\n', ' ')
+  commands = []
+  for line in text.splitlines():
+    line = line.strip()
+    if line.startswith(prefixes):
+      commands.append(shlex.split(line.replace('$BUCKET', 'gs://bkt'), comments=True))
+  return commands
+
+
+def assert_main_args(args):
+  for arg in args:
+    assert re.fullmatch(r'--(config|workdir)=\S+|--config\.[a-z_]+(\.[a-z_]+)*=\S+', arg), arg
+
+
+def test_readme_names_existing_files_only():
+  with open(README) as f:
+    text = f.read()
+  for path in set(re.findall(r'\b(?:launch|tests|debiformer_jax|configs)/[\w./]*\w', text)):
+    assert os.path.exists(os.path.join(REPO, path)) or path == 'debiformer_jax/preemption.py', path
+
+
+def test_readme_tpu_commands_dry_run(fake):
+  commands = readme_commands(('launch/tpu_pod.sh ',))
+  assert {c[1] for c in commands} == {'create', 'setup', 'run', 'logs', 'stop', 'delete'}
+  for command in commands:
+    dry(fake, TPU, '--dry-run', *command[1:], env=dict(TPU_NAME='t', ZONE='z'))
+    if '--' in command:
+      assert_main_args(command[command.index('--') + 1:])
+
+
+def test_readme_slurm_commands(fake):
+  submit, dry_run = readme_commands(('PYTHON=', 'sbatch ', 'bash launch/slurm.sbatch '))
+  # Submit as the README does, then run the script with what sbatch got, as SLURM would.
+  assert fake('bash', '-c', shlex.join(submit)).returncode == 0
+  (sbatch,) = fake.calls()
+  script = next(i for i, a in enumerate(sbatch) if i and not a.startswith('-'))
+  assert sbatch[script] == 'launch/slurm.sbatch'
+  main = sbatch[script + 1:]
+  assert_main_args(main)
+  python = submit[0].split('=', 1)[1]
+  result = fake('bash', sbatch[script], *main, env=dict(PYTHON=python, SLURM_CPUS_PER_TASK='8'))
+  assert result.returncode == 0, result.stderr
+  assert fake.calls()[1:] == [['srun', '--kill-on-bad-exit=1', '--cpus-per-task=8', python,
+                               '-m', 'debiformer_jax.main', *main]]
+  # The README's dry run, as written.
+  assert dry_run[:3] == ['bash', 'launch/slurm.sbatch', '--dry-run']
+  assert_main_args(dry_run[3:])
+  assert dry(fake, *dry_run) == [
+      'srun --kill-on-bad-exit=1 python -m debiformer_jax.main ' + ' '.join(dry_run[3:])]
