@@ -18,7 +18,7 @@ import sys
 
 import numpy as np
 
-from debiformer_jax.models.config import parse_override
+from debiformer_jax.models.architecture import parse_override
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
-  from debiformer_jax import checkpointing
+  from debiformer_jax import weights
   from debiformer_jax.convert import convert_state_dict, read_torch_state_dict
-  from debiformer_jax.models import get_config
+  from debiformer_jax.models import get_architecture
 
   try:
-    cfg = get_config(args.model, **dict(args.model_override))
+    cfg = get_architecture(args.model, **dict(args.model_override))
     state_dict = read_torch_state_dict(args.checkpoint, ema=args.ema)
     variables = convert_state_dict(state_dict, cfg)
   except (ValueError, FileNotFoundError) as e:
@@ -71,9 +71,9 @@ def main(argv=None) -> int:
       return 1
     extra['verified_max_abs_logit_diff'] = report.max_abs_diff
   try:
-    out = checkpointing.save_variables(args.output, variables, model_name=args.model,
-                                       model_config=dataclasses.asdict(cfg),
-                                       overwrite=args.overwrite, extra_metadata=extra)
+    out = weights.save(args.output, variables, model_name=args.model,
+                       architecture=dataclasses.asdict(cfg), overwrite=args.overwrite,
+                       metadata=extra)
   except FileExistsError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -10,15 +10,13 @@ ImageFolder path as any user dataset. The model has the same modules as the Imag
 has no flip (a flipped digit is another symbol): small random-resized crops only.
 """
 
-import ml_collections
-
-from debiformer_jax import config_defaults
+from debiformer_jax import config
 
 
 def get_config():
-  c = config_defaults.base_config()
+  c = config.defaults()
   c.model_name = 'debiformer_tiny'
-  c.model = ml_collections.ConfigDict(dict(
+  c.model.update(dict(
       depths=(1, 1), widths=(64, 128), mlp_ratios=(2, 2), dbra_mlp_ratios=(2, 2), n_win=4,
       attn1_deformable=(False, True), topk1=(4, -1), topk2=(4, -1), offset_groups=(1, 2),
       offset_kernels=(5, 3), offset_strides=(2, 1), rpe_sizes=(8, 4), drop_path_rate=0.0))
@@ -26,16 +24,17 @@ def get_config():
   c.image_size = 32
 
   c.data.name = 'imagefolder'
-  c.data.prepare = 'sklearn_digits'  # Into data.folder, default <workdir>/digits.
+  c.data.prepare = 'sklearn_digits'
+  c.data.folder = '{workdir}/digits'
   c.data.train_split, c.data.eval_split = 'train', 'val'
   c.data.hflip = False
   c.data.rrc_scale = (0.6, 1.0)
   c.data.randaugment = ''
   c.data.random_erase = 0.0
-  c.data.mixup = c.data.cutmix = 0.0
-  c.data.label_smoothing = 0.1
   c.data.eval_crop_pct = 1.0
   c.data.cache = True
+  c.mixup.mixup_alpha = c.mixup.cutmix_alpha = 0.0
+  c.label_smoothing = 0.1
 
   c.global_batch_size = 64
   c.num_epochs = 20

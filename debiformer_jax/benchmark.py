@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import dataclasses
 import functools
 import glob
@@ -46,18 +47,17 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from debiformer_jax import config_defaults, train
-from debiformer_jax.models import Implementation, create_model, get_config
-from debiformer_jax.models.config import parse_override
+from debiformer_jax import config as config_lib
+from debiformer_jax import train, weights
+from debiformer_jax.models import Implementation, create_model, get_architecture
+from debiformer_jax.models.architecture import parse_override
 from debiformer_jax.models.flops import forward_macs
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
 
 # Peak dense matmul FLOP/s per chip, by dtype: (device_kind substring, bf16, f32). For TPUs
 # f32 is listed at the bf16 rate: XLA:TPU runs f32 matmuls at default precision as one bf16
@@ -99,7 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--batch', type=int, default=8)
   p.add_argument('--resolution', type=int, default=224)
   p.add_argument('--mode', choices=('inference', 'train'), default='inference')
-  p.add_argument('--dtype', choices=tuple(DTYPES), default='float32',
+  p.add_argument('--dtype', choices=tuple(config_lib.DTYPES), default='float32',
                  help='compute dtype; parameters, softmax and norms stay float32')
   p.add_argument('--steps', type=int, default=10, help='timed steps')
   p.add_argument('--warmup', type=int, default=2, help='untimed steps after compilation')
@@ -122,31 +122,43 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------------------------
-# JAX steps.
+# What a compiled step costs.
 
-def _cost_flops(compiled) -> Optional[float]:
+@dataclasses.dataclass(frozen=True)
+class Memory:
+  """Bytes of a compiled executable (`memory_analysis`)."""
+  temp: int
+  argument: int
+  output: int
+  alias: int
+
+  @property
+  def peak(self) -> int:
+    """Temporaries, arguments and outputs, without outputs aliased to donated arguments."""
+    return self.temp + self.argument + self.output - self.alias
+
+  @classmethod
+  def of(cls, compiled) -> Optional['Memory']:
+    try:
+      m = compiled.memory_analysis()
+    except Exception:  # Some backends do not implement it.
+      return None
+    if m is None:
+      return None
+    size = lambda k: int(getattr(m, f'{k}_size_in_bytes', 0) or 0)
+    return cls(temp=size('temp'), argument=size('argument'), output=size('output'),
+               alias=size('alias'))
+
+
+def xla_flops(compiled) -> Optional[float]:
+  """FLOPs of one run of `compiled` by XLA's cost model, if the backend gives them."""
   try:
     cost = compiled.cost_analysis()
-  except Exception:  # some backends do not implement it
+  except Exception:  # Some backends do not implement it.
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  if not cost or 'flops' not in cost:
-    return None
-  return float(cost['flops'])
-
-
-def _memory(compiled) -> Dict[str, Optional[int]]:
-  try:
-    m = compiled.memory_analysis()
-  except Exception:
-    m = None
-  if m is None:
-    return {'peak_bytes': None}
-  out = {k: int(getattr(m, f'{k}_size_in_bytes', 0) or 0)
-         for k in ('temp', 'argument', 'output', 'alias', 'generated_code')}
-  out['peak_bytes'] = out['temp'] + out['argument'] + out['output'] - out['alias']
-  return out
+  return float(cost['flops']) if cost and 'flops' in cost else None
 
 
 def residual_bytes(model, batch: int, resolution: int) -> Optional[int]:
@@ -158,15 +170,13 @@ def residual_bytes(model, batch: int, resolution: int) -> Optional[int]:
   except ImportError:
     return None
   cfg = model.config
-  images = jax.ShapeDtypeStruct((batch, resolution, resolution, cfg.in_chans), jnp.float32)
-  variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype),
-                           jax.eval_shape(model.init, jax.random.PRNGKey(0), images))
-  args = (variables['batch_stats'], jnp.zeros(images.shape, images.dtype),
+  variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), weights.abstract_variables(model))
+  args = (variables['batch_stats'], jnp.zeros((batch, resolution, resolution, cfg.in_chans)),
           jnp.full((batch, cfg.num_classes), 1.0 / cfg.num_classes), jax.random.PRNGKey(0))
   loss = lambda params: train.loss_fn(params, *args, model=model)[0]
   try:
     found = saved_residuals(loss, variables['params'])
-  except Exception:  # a private JAX helper: never let it break the benchmark
+  except Exception:  # A private JAX helper: never let it break the benchmark.
     return None
   return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a, why in found
              if 'argument' not in why)
@@ -175,8 +185,8 @@ def residual_bytes(model, batch: int, resolution: int) -> Optional[int]:
 def compile_step(model, mode: str, batch: int, resolution: int, seed: int):
   """Returns (compiled, compile_seconds, run) where run() performs one step and blocks.
 
-  Train is the training loop's own step (`train.train_step`) with the ImageNet recipe of
-  `config_defaults`: mixup/cutmix, label smoothing, drop path, grad-norm clipping and AdamW
+  Train is the training loop's own step (`train.train_step`) with the recipe of
+  `config.defaults()`: mixup/cutmix, label smoothing, drop path, grad-norm clipping and AdamW
   with its weight-decay mask, BatchNorm statistics, state donated.
   """
   cfg = model.config
@@ -184,7 +194,7 @@ def compile_step(model, mode: str, batch: int, resolution: int, seed: int):
   images = jnp.asarray(rng.normal(size=(batch, resolution, resolution, cfg.in_chans)),
                        jnp.float32)
   if mode == 'inference':
-    variables = jax.jit(model.init)(jax.random.PRNGKey(seed), images[:1])
+    variables = jax.jit(weights.init_variables, static_argnums=0)(model, jax.random.PRNGKey(seed))
     t0 = time.perf_counter()
     compiled = jax.jit(lambda v, x: model.apply(v, x)).lower(variables, images).compile()
     seconds = time.perf_counter() - t0
@@ -193,17 +203,15 @@ def compile_step(model, mode: str, batch: int, resolution: int, seed: int):
       jax.block_until_ready(compiled(variables, images))
 
     return compiled, seconds, run
-  config = config_defaults.base_config()
+  config = config_lib.defaults()
   # Any schedule will do: its values do not change the step's cost.
   schedule = train.make_schedule(config, steps_per_epoch=1000, total_steps=300_000)
   tx = train.make_optimizer(config, schedule)
-  state = [jax.jit(functools.partial(train.init_state, model=model, tx=tx,
-                                     image_size=resolution, use_ema=False))(
+  state = [jax.jit(functools.partial(train.init_state, model=model, tx=tx, use_ema=False))(
       jax.random.PRNGKey(seed))]
   labels = jnp.asarray(rng.integers(0, cfg.num_classes, size=(batch,)), jnp.int32)
   data = {'image': images, 'label': labels}
-  step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule,
-                           num_classes=cfg.num_classes, data_config=config.data, ema_decay=0.0)
+  step = functools.partial(train.train_step, model=model, tx=tx, schedule=schedule, config=config)
   t0 = time.perf_counter()
   compiled = jax.jit(step, donate_argnums=0).lower(state[0], data).compile()
   seconds = time.perf_counter() - t0
@@ -225,22 +233,21 @@ def torch_step(cfg, mode: str, batch: int, resolution: int, dtype: str, seed: in
 
   from debiformer_jax.reference.torch_debiformer import build_torch_model
   torch.manual_seed(seed)
-  torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity')
-                        else os.cpu_count())
+  torch.set_num_threads(len(os.sched_getaffinity(0)))
   model = build_torch_model(cfg)
   x = torch.randn(batch, cfg.in_chans, resolution, resolution)
   y = torch.randint(0, cfg.num_classes, (batch,))
-  autocast = (lambda: torch.autocast('cpu', dtype=torch.bfloat16)) if dtype == 'bfloat16' else None
 
-  def ctx():
-    import contextlib
-    return autocast() if autocast else contextlib.nullcontext()
+  def autocast():
+    if dtype == 'bfloat16':
+      return torch.autocast('cpu', dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
   if mode == 'inference':
     model.eval()
 
     def run():
-      with torch.no_grad(), ctx():
+      with torch.no_grad(), autocast():
         model(x)
 
     return run
@@ -249,7 +256,7 @@ def torch_step(cfg, mode: str, batch: int, resolution: int, dtype: str, seed: in
 
   def run():
     opt.zero_grad(set_to_none=True)
-    with ctx():
+    with autocast():
       loss = torch.nn.functional.cross_entropy(model(x).float(), y)
     loss.backward()
     opt.step()
@@ -277,7 +284,7 @@ def _op_scopes(compiled) -> Dict[str, str]:
 
 
 def profile_breakdown(trace_dir: str, compiled, steps: int,
-                      train: bool = True) -> Optional[Dict[str, Any]]:
+                      train_mode: bool = True) -> Optional[Dict[str, Any]]:
   """Op time per step from the newest trace in trace_dir: {'trace', 'total_ms', 'matmul_ms',
   'parts': [(part, direction, ms, of which matmul/conv ms)]}; None if no op can be named."""
   traces = sorted(glob.glob(os.path.join(trace_dir, '**', '*.trace.json.gz'), recursive=True),
@@ -294,7 +301,7 @@ def profile_breakdown(trace_dir: str, compiled, steps: int,
       continue
     part = next((name for name, pattern in PARTS if re.search(pattern, scope)), 'other')
     direction = ('backward' if 'transpose(' in scope else
-                 'forward' if not train or 'jvp(' in scope or part != 'other' else
+                 'forward' if not train_mode or 'jvp(' in scope or part != 'other' else
                  'other (optimizer, loss)')
     ms = e['dur'] / 1e3 / steps
     total[(part, direction)] += ms
@@ -308,14 +315,109 @@ def profile_breakdown(trace_dir: str, compiled, steps: int,
           'matmul_ms': sum(matmul.values()), 'parts': rows}
 
 
-def _profile(run, compiled, trace_dir: str, train: bool) -> Optional[Dict[str, Any]]:
+def _profile(run, compiled, trace_dir: str, train_mode: bool) -> Optional[Dict[str, Any]]:
   with jax.profiler.trace(trace_dir):
     for _ in range(PROFILE_STEPS):
       run()
-  return profile_breakdown(trace_dir, compiled, PROFILE_STEPS, train)
+  return profile_breakdown(trace_dir, compiled, PROFILE_STEPS, train_mode)
 
 
 # ---------------------------------------------------------------------------------------------
+# The measurement.
+
+@dataclasses.dataclass(frozen=True)
+class Times:
+  """Seconds per step of the timed steps."""
+  steps: List[float]
+
+  @property
+  def median(self) -> float:
+    return statistics.median(self.steps)
+
+  @property
+  def best(self) -> float:
+    return min(self.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class Other:
+  """The compiled step with the other remat setting (--remat-compare)."""
+  remat: bool
+  memory: Optional[Memory]
+  residual_bytes: Optional[int]
+
+
+@dataclasses.dataclass(frozen=True)
+class Result:
+  """Everything one benchmark run measured; the derived numbers are properties."""
+  model: str
+  overrides: Dict[str, Any]
+  mode: str
+  batch: int
+  resolution: int
+  dtype: str
+  backend: str
+  device: str
+  implementation: Dict[str, Any]  # Resolved for the backend.
+  warmup: int
+  times: Times
+  compile_s: float
+  xla_flops: Optional[float]  # Per step.
+  analytic_macs: int  # Forward pass, per image.
+  memory: Optional[Memory]
+  residual_bytes: Optional[int]  # Train mode.
+  device_peak_flops: Optional[float]
+  profile: Optional[Dict[str, Any]] = None
+  profile_dir: Optional[str] = None
+  remat_other: Optional[Other] = None
+  torch_times: Optional[Times] = None
+  torch_threads: Optional[int] = None
+
+  @property
+  def images_per_s(self) -> float:
+    return self.batch / self.times.median
+
+  @property
+  def analytic_flops_per_image(self) -> float:
+    """2 FLOPs per MAC; a train step is 3 forward passes' worth (forward + backward)."""
+    return 2 * self.analytic_macs * (3 if self.mode == 'train' else 1)
+
+  @property
+  def xla_flops_per_image(self) -> Optional[float]:
+    return None if self.xla_flops is None else self.xla_flops / self.batch
+
+  @property
+  def mfu(self) -> Optional[float]:
+    if self.device_peak_flops is None:
+      return None
+    return self.analytic_flops_per_image * self.images_per_s / self.device_peak_flops
+
+  @property
+  def torch_images_per_s(self) -> Optional[float]:
+    return None if self.torch_times is None else self.batch / self.torch_times.median
+
+  @property
+  def speedup_vs_torch(self) -> Optional[float]:
+    """Median step time of the reference over ours."""
+    return None if self.torch_times is None else self.torch_times.median / self.times.median
+
+  @property
+  def speedup_vs_torch_best(self) -> Optional[float]:
+    """The same for the best (least disturbed) steps."""
+    return None if self.torch_times is None else self.torch_times.best / self.times.best
+
+  def to_json(self) -> Dict[str, Any]:
+    """The fields and the derived numbers, for the last output line."""
+    out = dataclasses.asdict(self)
+    for name in ('images_per_s', 'analytic_flops_per_image', 'xla_flops_per_image', 'mfu',
+                 'torch_images_per_s', 'speedup_vs_torch', 'speedup_vs_torch_best'):
+      out[name] = getattr(self, name)
+    if self.memory is not None:
+      out['memory']['peak'] = self.memory.peak
+    if self.remat_other is not None and self.remat_other.memory is not None:
+      out['remat_other']['memory']['peak'] = self.remat_other.memory.peak
+    return out
+
 
 def _timed(run) -> float:
   t0 = time.perf_counter()
@@ -323,33 +425,26 @@ def _timed(run) -> float:
   return time.perf_counter() - t0
 
 
-def benchmark(args) -> Dict[str, Any]:
+def benchmark(args) -> Result:
   overrides = dict(args.override)
-  cfg = get_config(args.model, **overrides)
+  cfg = get_architecture(args.model, **overrides)
   cfg.check_input_size(args.resolution, args.resolution)
   impl = Implementation(dwconv=args.dwconv, sampling=args.sampling,
                         region_gather=args.region_gather, dense_routing=args.dense_routing,
                         remat=args.remat, remat_policy=args.remat_policy)
-  train = args.mode == 'train'
-  resolved = impl.resolve()
-  model = create_model(args.model, dtype=DTYPES[args.dtype], impl=impl, **overrides)
-  device = jax.devices()[0]
-
+  train_mode = args.mode == 'train'
+  build = lambda impl: create_model(args.model, dtype=config_lib.DTYPES[args.dtype], impl=impl,
+                                    **overrides)
+  model = build(impl)
   compiled, compile_s, run = compile_step(model, args.mode, args.batch, args.resolution,
                                           args.seed)
-  xla_flops = _cost_flops(compiled)
-  memory = _memory(compiled)
-  macs = forward_macs(cfg, args.resolution)
-  analytic = 2 * macs['total'] * (3 if train else 1)
 
-  residuals = residual_bytes(model, args.batch, args.resolution) if train else None
   remat_other = None
-  if args.remat_compare and train:
-    other = create_model(args.model, dtype=DTYPES[args.dtype],
-                         impl=dataclasses.replace(impl, remat=not args.remat), **overrides)
+  if args.remat_compare and train_mode:
+    other = build(dataclasses.replace(impl, remat=not args.remat))
     other_compiled, _, _ = compile_step(other, args.mode, args.batch, args.resolution, args.seed)
-    remat_other = _memory(other_compiled)
-    remat_other['residual_bytes'] = residual_bytes(other, args.batch, args.resolution)
+    remat_other = Other(remat=not args.remat, memory=Memory.of(other_compiled),
+                        residual_bytes=residual_bytes(other, args.batch, args.resolution))
     del other_compiled
 
   torch_run = None
@@ -361,100 +456,80 @@ def benchmark(args) -> Dict[str, Any]:
     if torch_run:
       torch_run()
   times, torch_times = [], []
-  for _ in range(args.steps):  # alternate, so both see the same machine load
+  for _ in range(args.steps):  # Alternate, so both see the same machine load.
     times.append(_timed(run))
     if torch_run:
       torch_times.append(_timed(torch_run))
 
-  profile = _profile(run, compiled, args.profile, train) if args.profile else None
-  median = statistics.median(times)
-  ips = args.batch / median
-  peak = peak_flops(device.device_kind, args.dtype)
-  n_dev = 1  # the step runs on one device
-  result = {
-      'model': args.model, 'overrides': {k: list(v) if isinstance(v, tuple) else v
-                                         for k, v in overrides.items()},
-      'mode': args.mode, 'batch': args.batch, 'resolution': args.resolution,
-      'dtype': args.dtype, 'backend': jax.default_backend(), 'device': device.device_kind,
-      'implementation': dataclasses.asdict(resolved),
-      'steps': args.steps, 'warmup': args.warmup,
-      'images_per_s': ips, 'step_s_median': median,
-      'step_s_min': min(times), 'step_s_max': max(times),
-      'compile_s': compile_s,
-      'xla_gflops_per_image': None if xla_flops is None else xla_flops / args.batch / 1e9,
-      'analytic_gflops_per_image': analytic / 1e9,
-      'analytic_gmacs_forward': macs['total'] / 1e9,
-      'xla_over_analytic': None if xla_flops is None else xla_flops / args.batch / analytic,
-      'peak_memory_bytes': memory['peak_bytes'], 'memory': memory,
-      'profile': profile, 'profile_dir': args.profile,
-      'residual_bytes': residuals,
-      'device_peak_flops': peak,
-      'mfu': None if peak is None else analytic * ips / (peak * n_dev),
-  }
-  if remat_other is not None:
-    result['remat_compare'] = {'remat': not args.remat, 'peak_memory_bytes':
-                               remat_other['peak_bytes'], 'memory': remat_other,
-                               'residual_bytes': remat_other['residual_bytes']}
-  if torch_run:
-    torch_median = statistics.median(torch_times)
-    result.update({'torch_images_per_s': args.batch / torch_median,
-                   'torch_step_s_median': torch_median,
-                   'torch_step_s_min': min(torch_times), 'torch_step_s_max': max(torch_times),
-                   'torch_threads': __import__('torch').get_num_threads(),
-                   'speedup_vs_torch': torch_median / median,
-                   'speedup_vs_torch_best_step': min(torch_times) / min(times)})
-  return result
+  device = jax.devices()[0]
+  return Result(
+      model=args.model, overrides=overrides, mode=args.mode, batch=args.batch,
+      resolution=args.resolution, dtype=args.dtype, backend=jax.default_backend(),
+      device=device.device_kind, implementation=dataclasses.asdict(impl.resolve()),
+      warmup=args.warmup, times=Times(times), compile_s=compile_s,
+      xla_flops=xla_flops(compiled), analytic_macs=forward_macs(cfg, args.resolution)['total'],
+      memory=Memory.of(compiled),
+      residual_bytes=residual_bytes(model, args.batch, args.resolution) if train_mode else None,
+      device_peak_flops=peak_flops(device.device_kind, args.dtype),
+      profile=_profile(run, compiled, args.profile, train_mode) if args.profile else None,
+      profile_dir=args.profile, remat_other=remat_other,
+      torch_times=Times(torch_times) if torch_run else None,
+      torch_threads=__import__('torch').get_num_threads() if torch_run else None)
 
 
-def _fmt_bytes(n: Optional[int]) -> str:
+def _mib(n: Optional[int]) -> str:
   return 'n/a' if n is None else f'{n / 2 ** 20:,.1f} MiB'
 
 
-def format_table(r: Dict[str, Any]) -> str:
-  impl = ', '.join(f'{k}={v}' for k, v in r['implementation'].items())
-  na = lambda v, f: 'n/a' if v is None else f.format(v)
+def _ms(seconds: float) -> str:
+  return f'{seconds * 1e3:.1f} ms'
+
+
+def format_table(r: Result) -> str:
+  """The human-readable report of a Result."""
+  impl = ', '.join(f'{k}={v}' for k, v in r.implementation.items())
+  m = r.memory
   rows = [
-      ('model', f"{r['model']}" + (f" {r['overrides']}" if r['overrides'] else '')),
-      ('mode / dtype', f"{r['mode']} / {r['dtype']}"),
-      ('batch x resolution', f"{r['batch']} x {r['resolution']}"),
-      ('device', f"{r['backend']}: {r['device']}"),
+      ('model', r.model + (f' {r.overrides}' if r.overrides else '')),
+      ('mode / dtype', f'{r.mode} / {r.dtype}'),
+      ('batch x resolution', f'{r.batch} x {r.resolution}'),
+      ('device', f'{r.backend}: {r.device}'),
       ('implementation', impl),
-      ('images/s (median)', f"{r['images_per_s']:.2f}   (step {r['step_s_median'] * 1e3:.1f} ms; "
-                            f"min {r['step_s_min'] * 1e3:.1f}, max {r['step_s_max'] * 1e3:.1f}; "
-                            f"{r['steps']} steps after {r['warmup']} warm-up)"),
-      ('compile time', f"{r['compile_s']:.1f} s"),
-      ('GFLOPs/image, XLA', na(r['xla_gflops_per_image'], '{:.3f}')),
-      ('GFLOPs/image, analytic', f"{r['analytic_gflops_per_image']:.3f}   "
-                                 f"({r['analytic_gmacs_forward']:.3f} GMACs forward)"),
-      ('XLA / analytic', na(r['xla_over_analytic'], '{:.3f}')),
-      ('peak memory', f"{_fmt_bytes(r['peak_memory_bytes'])}   (temp "
-                      f"{_fmt_bytes(r['memory'].get('temp'))}, args "
-                      f"{_fmt_bytes(r['memory'].get('argument'))}, out "
-                      f"{_fmt_bytes(r['memory'].get('output'))}, aliased "
-                      f"{_fmt_bytes(r['memory'].get('alias'))})"),
-      ('saved activations', 'n/a (inference)' if r['mode'] != 'train' else
-       f"{_fmt_bytes(r['residual_bytes'])}   (forward residuals kept for the backward pass)"),
-      ('MFU', 'n/a (peak FLOP/s of this device unknown)' if r['mfu'] is None else
-       f"{r['mfu'] * 100:.1f}% of {r['device_peak_flops'] / 1e12:.0f} TFLOP/s"),
+      ('images/s (median)', f'{r.images_per_s:.2f}   (step {_ms(r.times.median)}; min '
+                            f'{_ms(r.times.best)}, max {_ms(max(r.times.steps))}; '
+                            f'{len(r.times.steps)} steps after {r.warmup} warm-up)'),
+      ('compile time', f'{r.compile_s:.1f} s'),
+      ('GFLOPs/image, XLA', 'n/a' if r.xla_flops is None else f'{r.xla_flops_per_image / 1e9:.3f}'),
+      ('GFLOPs/image, analytic', f'{r.analytic_flops_per_image / 1e9:.3f}   '
+                                 f'({r.analytic_macs / 1e9:.3f} GMACs forward)'),
+      ('XLA / analytic', 'n/a' if r.xla_flops is None else
+       f'{r.xla_flops_per_image / r.analytic_flops_per_image:.3f}'),
+      ('peak memory', 'n/a' if m is None else
+       f'{_mib(m.peak)}   (temp {_mib(m.temp)}, args {_mib(m.argument)}, out {_mib(m.output)}, '
+       f'aliased {_mib(m.alias)})'),
+      ('saved activations', 'n/a (inference)' if r.mode != 'train' else
+       f'{_mib(r.residual_bytes)}   (forward residuals kept for the backward pass)'),
+      ('MFU', 'n/a (peak FLOP/s of this device unknown)' if r.mfu is None else
+       f'{r.mfu * 100:.1f}% of {r.device_peak_flops / 1e12:.0f} TFLOP/s'),
   ]
-  if 'remat_compare' in r:
-    other, remat = r['remat_compare'], r['implementation']['remat']
-    for label, mine, theirs in (('peak memory', r['peak_memory_bytes'], other['peak_memory_bytes']),
-                                ('saved activations', r['residual_bytes'],
-                                 other['residual_bytes'])):
-      ratio = '' if not mine or not theirs else (f'   (remat={remat} / remat={other["remat"]}: '
-                                                 f'{mine / theirs:.2f}x)')
-      rows.append((f"{label}, remat={other['remat']}", _fmt_bytes(theirs) + ratio))
-  if 'torch_images_per_s' in r:
-    rows.append(('PyTorch reference', f"{r['torch_images_per_s']:.2f} images/s   (step "
-                                      f"{r['torch_step_s_median'] * 1e3:.1f} ms; "
-                                      f"{r['torch_threads']} threads, eager)"))
-    rows.append(('speed-up vs PyTorch', f"{r['speedup_vs_torch']:.2f}x median steps   "
-                                        f"({r['speedup_vs_torch_best_step']:.2f}x best steps)"))
+  if r.remat_other is not None:
+    o, remat = r.remat_other, r.implementation['remat']
+    ratio = lambda a, b: ('' if not a or not b else
+                          f'   (remat={remat} / remat={o.remat}: {a / b:.2f}x)')
+    mine, theirs = (None if x is None else x.peak for x in (m, o.memory))
+    rows.append((f'peak memory, remat={o.remat}', _mib(theirs) + ratio(mine, theirs)))
+    rows.append((f'saved activations, remat={o.remat}',
+                 _mib(o.residual_bytes) + ratio(r.residual_bytes, o.residual_bytes)))
+  if r.torch_times is not None:
+    rows.append(('PyTorch reference', f'{r.torch_images_per_s:.2f} images/s   (step '
+                                      f'{_ms(r.torch_times.median)}; {r.torch_threads} threads, '
+                                      f'eager)'))
+    rows.append(('speed-up vs PyTorch', f'{r.speedup_vs_torch:.2f}x median steps   '
+                                        f'({r.speedup_vs_torch_best:.2f}x best steps)'))
   width = max(len(k) for k, _ in rows)
   table = '\n'.join(f'{k:<{width}}  {v}' for k, v in rows)
-  if r.get('profile'):
-    prof = r['profile']
+  if r.profile:
+    prof = r.profile
     lines = [f"\ntime per step by part ({prof['trace']}): op time summed, "
              f"{prof['total_ms']:.0f} ms, of which matmuls/convs {prof['matmul_ms']:.0f} ms",
              f"  {'part':<24} {'direction':<24} {'ms/step':>8} {'matmul':>8} {'share':>6}"]
@@ -462,8 +537,8 @@ def format_table(r: Dict[str, Any]) -> str:
       lines.append(f'  {part:<24} {direction:<24} {ms:8.1f} {mm:8.1f} '
                    f"{ms / prof['total_ms'] * 100:5.1f}%")
     table += '\n'.join(lines)
-  elif 'profile' in r and r['profile'] is None and r.get('profile_dir'):
-    table += f"\nprofile: no op events could be named in the trace under {r['profile_dir']}"
+  elif r.profile_dir:
+    table += f'\nprofile: no op events could be named in the trace under {r.profile_dir}'
   return table
 
 
@@ -475,7 +550,7 @@ def main(argv=None) -> int:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(format_table(result))
-  print(json.dumps(result, sort_keys=True))
+  print(json.dumps(result.to_json(), sort_keys=True))
   return 0
 
 

@@ -56,26 +56,22 @@ def main(argv):
   logging.get_absl_handler().addFilter(_QuietOrbax())
   # Join the multi-process job (if any) before anything asks JAX about devices or processes.
   distributed.initialize_from_flags(flags.FLAGS)
-  # TensorFlow is only the input pipeline: keep it off the accelerators JAX uses.
-  import tensorflow as tf
-  tf.config.set_visible_devices([], 'GPU')
-
   import jax
+  from debiformer_jax import config as config_lib
   from debiformer_jax import train
 
   config = _CONFIG.value
   workdir = _WORKDIR.value or config.workdir or DEFAULT_WORKDIR
-  try:
-    train.validate_config(config, workdir)
-  except ValueError as e:
-    sys.exit(f'{e}\n(config file {flags.FLAGS["config"].config_filename})')
   if jax.process_index() == 0:
     logging.info('JAX %s: %d processes, %d devices (%s); workdir %s', jax.__version__,
                  jax.process_count(), jax.device_count(), jax.devices()[0].platform, workdir)
-  if config.mode == 'train':
-    train.train_and_evaluate(config, workdir)
-  else:
-    train.evaluate_checkpoint(config, workdir)
+  try:
+    if config.mode == 'eval':
+      train.evaluate_checkpoint(config, workdir)
+    else:
+      train.train_and_evaluate(config, workdir)
+  except config_lib.ConfigError as e:
+    sys.exit(f'{e}\n(config file {flags.FLAGS["config"].config_filename})')
 
 
 if __name__ == '__main__':

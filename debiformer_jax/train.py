@@ -1,12 +1,13 @@
 """Training and evaluation of DeBiFormer, readable top to bottom.
 
 `train_and_evaluate(config, workdir)`:
-  validate config -> mesh -> model -> data info -> optimizer -> abstract state -> shardings ->
-  restore from workdir, or init (+ `init_from` weights) -> data iterators -> compiled steps ->
-  loop: train step, log every `log_every_steps`, eval + checkpoint every epoch (by default).
+  set-up (finalize config -> mesh -> dataset -> model) -> optimizer -> abstract state ->
+  shardings -> restore from workdir, or init (+ `init_from` weights) -> data iterators ->
+  compiled steps -> loop: train step, log every `log_every_steps`, eval + checkpoint every
+  epoch (by default).
 
 `evaluate_checkpoint(config, workdir)`: evaluates `config.init_from` (converted weights or a
-workdir) or the latest checkpoint in `workdir`.
+workdir) or the latest checkpoint in `workdir`, with the same set-up.
 
 The train step runs under `jax.jit` with NamedShardings on a ('data', 'model') mesh: the batch
 is split over 'data'; params and optimizer state are replicated ('dp') or split over 'data'
@@ -17,6 +18,7 @@ Metrics stay on device until a log step.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import time
@@ -29,13 +31,12 @@ import ml_collections
 import numpy as np
 import optax
 from absl import logging
-from clu import metric_writers
+from clu import metric_writers, periodic_actions
 
-from debiformer_jax import checkpointing, distributed, sharding
-from debiformer_jax.models import create_model, get_config
-
-MODES = ('train', 'eval')
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16}
+from debiformer_jax import checkpointing, distributed, mixup, preemption, sharding, weights
+from debiformer_jax import config as config_lib
+from debiformer_jax.data import input_pipeline
+from debiformer_jax.models import DeBiFormer, get_architecture
 
 
 @flax.struct.dataclass
@@ -49,114 +50,38 @@ class TrainState:
 
 
 # ---------------------------------------------------------------------------------------------
-# Config checks: everything that can be wrong with a config is found here, before any compile.
+# Set-up shared by training and evaluation.
 
-def resolve_config(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.ConfigDict:
-  """A copy of `config` with the values that default to places in `workdir` filled in: the
-  demo digits are prepared into <workdir>/digits unless data.folder says otherwise."""
-  config = config.copy_and_resolve_references()
-  if config.data.prepare == 'sklearn_digits' and not config.data.folder:
-    config.data.folder = os.path.join(os.path.abspath(workdir), 'digits')
-  return config
+@dataclasses.dataclass(frozen=True)
+class Job:
+  config: ml_collections.ConfigDict  # Finalized: resolved for the workdir and checked.
+  workdir: str
+  mesh: jax.sharding.Mesh
+  data: input_pipeline.DatasetInfo
+  model: DeBiFormer
 
-
-def validate_config(config: ml_collections.ConfigDict, workdir: str | None = None) -> None:
-  """Raises ValueError listing every problem found in `config` (resolved for `workdir`)."""
-  from debiformer_jax.data import input_pipeline
-
-  if workdir is not None:
-    config = resolve_config(config, workdir)
-  problems = []
-  bad = problems.append
-  if config.mode not in MODES:
-    bad(f'mode={config.mode!r} is not one of {MODES}.')
-  if config.dtype not in DTYPES:
-    bad(f'dtype={config.dtype!r} is not one of {tuple(DTYPES)}.')
-
-  model_cfg = None
-  try:
-    model_cfg = get_config(config.model_name, **config.model.to_dict())
-  except (ValueError, TypeError) as e:
-    bad(f'model: {e}')
-  size = config.image_size
-  if not isinstance(size, int) or size <= 0:
-    bad(f'image_size={size!r} must be a positive integer.')
-  elif model_cfg is not None:
-    try:
-      model_cfg.check_input_size(size, size)
-    except ValueError as e:
-      bad(f'image_size={size}: {e}')
-
-  batch, devices, processes = config.global_batch_size, jax.device_count(), jax.process_count()
-  if not isinstance(batch, int) or batch <= 0:
-    bad(f'global_batch_size={batch!r} must be a positive integer.')
-  elif batch % devices or batch % processes:
-    bad(f'global_batch_size={batch} must be divisible by the number of devices ({devices}) '
-        f'and of processes ({processes}).')
-
-  if config.num_epochs < 0:
-    bad(f'num_epochs={config.num_epochs} must be positive.')
-  if config.num_train_steps != -1 and config.num_train_steps <= 0:
-    bad(f'num_train_steps={config.num_train_steps} must be > 0, or -1 to use num_epochs.')
-  elif config.num_train_steps == -1 and config.num_epochs == 0:
-    bad(f'num_epochs={config.num_epochs} must be > 0 when num_train_steps is -1.')
-
-  o = config.optimizer
-  for name in ('base_lr', 'lr_base_batch_size', 'eps'):
-    if not o[name] > 0:
-      bad(f'optimizer.{name}={o[name]} must be > 0.')
-  for name in ('warmup_epochs', 'warmup_lr', 'min_lr', 'weight_decay'):
-    if o[name] < 0:
-      bad(f'optimizer.{name}={o[name]} must be >= 0.')
-  for name in ('b1', 'b2'):
-    if not 0 <= o[name] < 1:
-      bad(f'optimizer.{name}={o[name]} must be in [0, 1).')
-  if not 0 <= config.ema_decay < 1:
-    bad(f'ema_decay={config.ema_decay} must be in [0, 1) (0 turns EMA off).')
-
-  if not (isinstance(config.log_every_steps, int) and config.log_every_steps >= 1):
-    bad(f'log_every_steps={config.log_every_steps} must be an integer >= 1.')
-  for name in ('eval_every_epochs', 'checkpoint_every_epochs'):
-    if not config[name] > 0:
-      bad(f'{name}={config[name]} must be > 0.')
-  if config.keep_checkpoints < 1 or config.keep_best < 0:
-    bad(f'keep_checkpoints={config.keep_checkpoints} must be >= 1 and keep_best='
-        f'{config.keep_best} >= 0.')
-  if config.sharding not in sharding.STRATEGIES:
-    bad(f'sharding={config.sharding!r} is not one of {sharding.STRATEGIES}.')
-  if config.fsdp_min_size < 0:
-    bad(f'fsdp_min_size={config.fsdp_min_size} must be >= 0.')
-
-  try:
-    input_pipeline.validate_data_config(config.data)
-  except ValueError as e:
-    bad(f'data: {e}')
-
-  if config.init_from and not os.path.isdir(config.init_from):
-    bad(f'init_from={config.init_from!r} is not a directory.')
-  if (config.mode == 'eval' and not config.init_from and workdir is not None
-      and not _has_checkpoint(workdir)):
-    bad(f"mode='eval' needs a checkpoint: none in {checkpointing.checkpoint_dir(workdir)}; "
-        f'set init_from to converted weights or to a training workdir.')
-
-  if problems:
-    raise ValueError('invalid config:\n  - ' + '\n  - '.join(problems))
+  @property
+  def is_chief(self) -> bool:
+    return jax.process_index() == 0
 
 
-def _has_checkpoint(workdir: str) -> bool:
-  directory = checkpointing.checkpoint_dir(workdir)
-  return os.path.isdir(directory) and checkpointing.make_manager(
-      directory, read_only=True).latest_step() is not None
+def setup(config: ml_collections.ConfigDict, workdir: str) -> Job:
+  """Checks the config (config.ConfigError before anything compiles), reads the dataset's
+  sizes, builds the model for its class count."""
+  config = config_lib.finalize(config, workdir)
+  data = input_pipeline.dataset_info(config.data)
+  return Job(config=config, workdir=os.path.abspath(workdir), mesh=sharding.make_mesh(),
+             data=data, model=build_model(config, data.num_classes))
+
+
+def build_model(config: ml_collections.ConfigDict, num_classes: int) -> DeBiFormer:
+  arch = get_architecture(config.model_name, num_classes=num_classes,
+                          **config_lib.model_overrides(config))
+  return DeBiFormer(arch, config_lib.implementation(config), config_lib.DTYPES[config.dtype])
 
 
 # ---------------------------------------------------------------------------------------------
-# Model, optimizer, state.
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int):
-  overrides = {k: v for k, v in config.model.to_dict().items() if k != 'num_classes'}
-  return create_model(config.model_name, dtype=DTYPES[config.dtype], num_classes=num_classes,
-                      **overrides)
-
+# Optimizer and state.
 
 def train_length(config: ml_collections.ConfigDict, num_train: int) -> tuple[int, int]:
   """(steps_per_epoch, total_steps)."""
@@ -180,10 +105,13 @@ def make_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total
 
 
 def decay_mask(params: Any) -> Any:
-  """True where weight decay applies: not 1-D params (biases, norm scales), not rpe_table."""
-  def decays(path, x):
-    return x.ndim > 1 and getattr(path[-1], 'key', None) != 'rpe_table'
-  return jax.tree_util.tree_map_with_path(decays, params)
+  """True where weight decay applies: every parameter of more than one dimension.
+
+  The official run builds AdamW with timm's `create_optimizer`, which exempts 1-D parameters,
+  names ending in '.bias' (all 1-D here) and `no_weight_decay()` ({'pos_embed', 'cls_token'}:
+  DeBiFormer has neither). So the relative-position tables (3-D) are decayed.
+  """
+  return jax.tree.map(lambda x: x.ndim > 1, params)
 
 
 def make_optimizer(config: ml_collections.ConfigDict, schedule) -> optax.GradientTransformation:
@@ -193,13 +121,12 @@ def make_optimizer(config: ml_collections.ConfigDict, schedule) -> optax.Gradien
                                        weight_decay=o.weight_decay, mask=decay_mask))
 
 
-def init_state(rng, *, model, tx, image_size: int, use_ema: bool) -> TrainState:
+def init_state(rng, *, model, tx, use_ema: bool) -> TrainState:
   params_rng, state_rng = jax.random.split(rng)
-  variables = model.init({'params': params_rng},
-                         jnp.zeros((1, image_size, image_size, 3), jnp.float32), train=False)
+  variables = weights.init_variables(model, params_rng)
   params = variables['params']
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                    batch_stats=variables.get('batch_stats', {}), opt_state=tx.init(params),
+                    batch_stats=variables['batch_stats'], opt_state=tx.init(params),
                     ema_params=params if use_ema else None, rng=state_rng)
 
 
@@ -210,8 +137,7 @@ def with_shardings(abstract: Any, shardings: Any) -> Any:
 
 def abstract_train_state(config: ml_collections.ConfigDict, model, tx, mesh):
   """(init_fn(rng) -> TrainState, abstract state with shardings, state shardings)."""
-  init_fn = functools.partial(init_state, model=model, tx=tx, image_size=config.image_size,
-                              use_ema=config.ema_decay > 0)
+  init_fn = functools.partial(init_state, model=model, tx=tx, use_ema=config.ema_decay > 0)
   abstract_state = jax.eval_shape(init_fn, jax.random.PRNGKey(0))
   state_sharding = sharding.state_shardings(abstract_state, mesh, config.sharding,
                                             config.fsdp_min_size)
@@ -236,46 +162,40 @@ def loss_fn(params, batch_stats, images, targets, dropout_rng, *, model):
   return loss, mutated.get('batch_stats', {})
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx, schedule, num_classes: int,
-               data_config: ml_collections.ConfigDict, ema_decay: float):
+def train_step(state: TrainState, batch: dict, *, model, tx, schedule,
+               config: ml_collections.ConfigDict):
   """One update. Returns the new state and on-device metrics."""
-  from debiformer_jax.data import mixup
-
   mix_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
   images, targets = mixup.mixup_cutmix(
-      mix_rng, batch['image'], batch['label'], num_classes=num_classes,
-      mixup_alpha=data_config.mixup, cutmix_alpha=data_config.cutmix,
-      switch_prob=data_config.mixup_switch_prob, label_smoothing=data_config.label_smoothing)
+      mix_rng, batch['image'], batch['label'], num_classes=model.config.num_classes,
+      label_smoothing=config.label_smoothing, **config.mixup)
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
       state.params, state.batch_stats, images, targets, dropout_rng, model=model)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
-  ema = state.ema_params
+  ema, decay = state.ema_params, config.ema_decay
   if ema is not None:
-    ema = jax.tree.map(lambda e, p: ema_decay * e + (1.0 - ema_decay) * p, ema, params)
+    ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, ema, params)
   new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                             opt_state=opt_state, ema_params=ema)
   metrics = {'loss': loss, 'lr': schedule(state.step), 'grad_norm': optax.global_norm(grads)}
   return new_state, metrics
 
 
-def compile_train_step(config: ml_collections.ConfigDict, *, model, tx, schedule,
-                       num_classes: int, mesh, abstract_state, state_sharding):
+def compile_train_step(config: ml_collections.ConfigDict, *, model, tx, schedule, mesh,
+                       abstract_state, state_sharding):
   """The train step, compiled ahead of time for global batches split over 'data'.
 
   The state is donated: its buffers are reused for the new state.
   """
-  batch_sharding = sharding.batch_sharding(mesh)
-  step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule,
-                              num_classes=num_classes, data_config=config.data,
-                              ema_decay=config.ema_decay)
-  return jax.jit(step_fn, in_shardings=(state_sharding, batch_sharding),
+  step_fn = functools.partial(train_step, model=model, tx=tx, schedule=schedule, config=config)
+  return jax.jit(step_fn, in_shardings=(state_sharding, sharding.batch_sharding(mesh)),
                  out_shardings=(state_sharding, sharding.replicated(mesh)),
-                 donate_argnums=0).lower(abstract_state, _abstract_batch(config, mesh)).compile()
+                 donate_argnums=0).lower(abstract_state, abstract_batch(config, mesh)).compile()
 
 
-def _abstract_batch(config: ml_collections.ConfigDict, mesh, *, with_mask: bool = False) -> dict:
+def abstract_batch(config: ml_collections.ConfigDict, mesh, *, with_mask: bool = False) -> dict:
   """Shapes of a global batch split over 'data': image, label (and the eval mask)."""
   batch_sharding = sharding.batch_sharding(mesh)
   size = (config.global_batch_size, config.image_size, config.image_size, 3)
@@ -286,12 +206,12 @@ def _abstract_batch(config: ml_collections.ConfigDict, mesh, *, with_mask: bool 
   return batch
 
 
-def eval_step(variables: dict, batch: dict, totals: dict, *, model, num_classes: int) -> dict:
+def eval_step(variables: dict, batch: dict, totals: dict, *, model) -> dict:
   """Adds this batch's masked loss sum and top-1/top-5 counts to `totals`."""
   logits = model.apply(variables, batch['image'], train=False).astype(jnp.float32)
   labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  correct = jax.lax.top_k(logits, min(5, num_classes))[1] == labels[:, None]
+  correct = jax.lax.top_k(logits, min(5, model.config.num_classes))[1] == labels[:, None]
   batch_totals = {
       'loss': jnp.sum(loss * mask),
       'top1': jnp.sum(correct[:, 0] * mask).astype(jnp.int32),
@@ -301,8 +221,7 @@ def eval_step(variables: dict, batch: dict, totals: dict, *, model, num_classes:
   return jax.tree.map(jnp.add, totals, batch_totals)
 
 
-def compile_eval_step(config: ml_collections.ConfigDict, *, model, num_classes: int, mesh,
-                      abstract_variables):
+def compile_eval_step(config: ml_collections.ConfigDict, *, model, mesh, abstract_variables):
   """The eval step, compiled ahead of time (like the train step) for `abstract_variables`
   ({'params', 'batch_stats'} with shardings) and global eval batches split over 'data'; the
   totals stay replicated."""
@@ -310,9 +229,9 @@ def compile_eval_step(config: ml_collections.ConfigDict, *, model, num_classes: 
   abstract_totals = jax.tree.map(
       lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
       jax.eval_shape(empty_totals))
-  step_fn = functools.partial(eval_step, model=model, num_classes=num_classes)
+  step_fn = functools.partial(eval_step, model=model)
   return jax.jit(step_fn, out_shardings=replicated).lower(
-      abstract_variables, _abstract_batch(config, mesh, with_mask=True), abstract_totals).compile()
+      abstract_variables, abstract_batch(config, mesh, with_mask=True), abstract_totals).compile()
 
 
 def empty_totals() -> dict:
@@ -320,10 +239,9 @@ def empty_totals() -> dict:
           'top5': jnp.zeros((), jnp.int32), 'num_examples': jnp.zeros((), jnp.int32)}
 
 
-def evaluate(compiled_eval_step, variables: dict, config: ml_collections.ConfigDict, mesh) -> dict:
+def evaluate(compiled_eval_step, variables: dict, config: ml_collections.ConfigDict,
+             mesh) -> dict:
   """Top-1, top-5 and mean loss over the whole eval split; each example counted once."""
-  from debiformer_jax.data import input_pipeline
-
   replicated = sharding.replicated(mesh)
   totals = jax.tree.map(  # Laid out as the compiled step expects, on one host or many.
       lambda x: jax.make_array_from_callback(x.shape, replicated,
@@ -341,48 +259,6 @@ def evaluate(compiled_eval_step, variables: dict, config: ml_collections.ConfigD
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretrained weights (fine-tuning and eval mode).
-
-def read_weights(path: str) -> tuple[dict, dict]:
-  """{'params', 'batch_stats'} (numpy) and metadata from converted weights or a workdir."""
-  if os.path.isfile(os.path.join(path, checkpointing.METADATA_FILE)):
-    return checkpointing.load_variables(path)
-  return checkpointing.load_training_variables(path)
-
-
-def place_weights(path: str, target: dict, *, drop_head: bool) -> dict:
-  """The weights at `path`, checked against and laid out like `target` (jax.Arrays).
-
-  With `drop_head`, a head of another number of classes keeps `target`'s (fresh) values, and a
-  warning names the dropped leaves.
-  """
-  loaded, meta = read_weights(path)
-  got, want = checkpointing.flatten(loaded), checkpointing.flatten(target)
-  dropped = [k for k in want if k.startswith('params/head/') and k in got
-             and tuple(np.shape(got[k])) != tuple(want[k].shape)]
-  if drop_head and dropped:
-    logging.warning(
-        'init_from %s: the number of classes differs; dropping the checkpoint head (%s) and '
-        'training a fresh one.', path,
-        ', '.join(f'{k[len("params/"):]} {tuple(np.shape(got[k]))} -> {tuple(want[k].shape)}'
-                  for k in dropped))
-    for k in dropped:
-      got[k] = np.asarray(jax.device_get(want[k]))
-  problems = checkpointing.tree_mismatches(got, want)
-  if problems:
-    raise ValueError(f'the weights at {path} (model {meta.get("model_name", "?")!r}) do not fit '
-                     f'the model: ' + '; '.join(problems))
-
-  def place(key, leaf):
-    value = np.asarray(got[key], dtype=leaf.dtype)
-    return jax.make_array_from_callback(value.shape, leaf.sharding, lambda idx: value[idx])
-
-  placed = {k: place(k, leaf) for k, leaf in want.items()}
-  treedef = jax.tree_util.tree_structure(target)
-  return jax.tree_util.tree_unflatten(treedef, [placed[k] for k in want])
-
-
-# ---------------------------------------------------------------------------------------------
 # The loop.
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
@@ -393,37 +269,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   SIGTERM / SIGUSR1 (or, with several processes, JAX's preemption sync point) do the same for
   real: every process stops at the same step, that step is checkpointed, and the run returns
   normally; relaunching resumes from it.
-  Returns {'state', 'train_loss': {step: loss}, 'eval': {step: metrics}, 'images_per_sec',
+  Returns {'state', 'train_loss': {step: loss}, 'eval': {step: metrics},
   'preempted_at': the step saved on preemption, else None}.
   """
-  from debiformer_jax.data import input_pipeline
-
-  config = resolve_config(config, workdir)
-  validate_config(config, workdir)
-  workdir = os.path.abspath(workdir)
-  is_chief = jax.process_index() == 0
-
-  mesh = sharding.make_mesh()
-  info = input_pipeline.dataset_info(config.data)
-  model = build_model(config, info.num_classes)
-  steps_per_epoch, total_steps = train_length(config, info.num_train)
+  job = setup(config, workdir)
+  config, mesh, model = job.config, job.mesh, job.model
+  steps_per_epoch, total_steps = train_length(config, job.data.num_train)
   schedule = make_schedule(config, steps_per_epoch, total_steps)
   tx = make_optimizer(config, schedule)
 
   init_fn, abstract_state, state_sharding = abstract_train_state(config, model, tx, mesh)
 
-  manager = checkpointing.make_manager(checkpointing.checkpoint_dir(workdir),
+  manager = checkpointing.make_manager(checkpointing.checkpoint_dir(job.workdir),
                                        keep=config.keep_checkpoints, keep_best=config.keep_best,
                                        async_save=config.async_checkpoints)
   if manager.latest_step() is not None:
-    state, _ = checkpointing.restore(manager, abstract_state)
+    state = checkpointing.restore(manager, abstract_state)
     _log_chief('Resumed from %s at step %d.', manager.directory, int(state.step))
   else:
     state = jax.jit(init_fn, out_shardings=state_sharding)(jax.random.PRNGKey(config.seed))
     if config.init_from:
-      weights = place_weights(config.init_from, eval_variables(state), drop_head=True)
-      state = state.replace(params=weights['params'], batch_stats=weights['batch_stats'],
-                            ema_params=weights['params'] if config.ema_decay > 0 else None)
+      loaded = weights.load(config.init_from, eval_variables(state), drop_head=True)
+      state = state.replace(params=loaded['params'], batch_stats=loaded['batch_stats'],
+                            ema_params=loaded['params'] if config.ema_decay > 0 else None)
       _log_chief('Initialised from %s.', config.init_from)
   start_step = int(state.step)
   if start_step >= total_steps:
@@ -439,35 +307,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   t0 = time.perf_counter()
   compiled_train_step = compile_train_step(config, model=model, tx=tx, schedule=schedule,
-                                           num_classes=info.num_classes, mesh=mesh,
-                                           abstract_state=abstract_state,
+                                           mesh=mesh, abstract_state=abstract_state,
                                            state_sharding=state_sharding)
   _log_chief('Compiled the train step in %.1fs.', time.perf_counter() - t0)
-  compiled_eval_step = compile_eval_step(config, model=model, num_classes=info.num_classes,
-                                         mesh=mesh,
+  compiled_eval_step = compile_eval_step(config, model=model, mesh=mesh,
                                          abstract_variables=eval_variables(abstract_state))
   # Processes compile at their own pace; the first step's collectives wait only ~30 s (gloo).
   distributed.barrier('compiled')
 
-  writer = _metric_writer(workdir, is_chief)
-  if is_chief:
-    os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, 'config.json'), 'w') as f:
+  writer = _metric_writer(job)
+  if job.is_chief:
+    with open(os.path.join(job.workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+  # Progress, rate and ETA on the console (and steps_per_sec in TensorBoard).
+  progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
+                                             every_steps=config.log_every_steps, every_secs=None)
 
   eval_every = max(1, int(round(config.eval_every_epochs * steps_per_epoch)))
   checkpoint_every = max(1, int(round(config.checkpoint_every_epochs * steps_per_epoch)))
-  history = {'train_loss': {}, 'eval': {}, 'images_per_sec': None, 'preempted_at': None}
+  history = {'train_loss': {}, 'eval': {}, 'preempted_at': None}
   pending = []  # On-device metrics of the steps since the last log.
   last_time, last_step = time.perf_counter(), start_step
 
   # The watcher turns SIGTERM/SIGUSR1 into a stop at a step all processes agree on; it must be
   # asked on every process at every step (with several processes it is a collective).
-  with distributed.PreemptionWatcher() as watcher:
+  with preemption.PreemptionWatcher() as watcher:
     for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
       batch = sharding.host_to_global(next(train_iter), mesh)
       state, metrics = compiled_train_step(state, batch)
       pending.append(metrics)
+      if job.is_chief:
+        progress(step)
 
       preempted = watcher.should_stop(step)
       interrupted = preempted or (stop_at_step is not None and step >= stop_at_step)
@@ -475,31 +345,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       do_checkpoint = step % checkpoint_every == 0 or step == total_steps or interrupted
       if step % config.log_every_steps == 0 or do_eval or do_checkpoint:
         fetched = jax.device_get(pending)  # The only host sync of the training loop.
-        now = time.perf_counter()
         pending = []
         for i, m in enumerate(fetched):
           history['train_loss'][step - len(fetched) + 1 + i] = float(m['loss'])
-        images_per_sec = (step - last_step) * config.global_batch_size / (now - last_time)
-        history['images_per_sec'] = images_per_sec
         scalars = {f'train/{k}': float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-        scalars['train/images_per_sec'] = images_per_sec
+        scalars['train/images_per_sec'] = ((step - last_step) * config.global_batch_size
+                                           / (time.perf_counter() - last_time))
         scalars['train/epoch'] = step / steps_per_epoch
         writer.write_scalars(step, scalars)
-        if is_chief:
-          eta = (total_steps - step) * (now - last_time) / (step - last_step)
-          logging.info('step %d/%d  epoch %.2f  loss %.4f  lr %.2e  %.1f img/s  ETA %s', step,
-                       total_steps, step / steps_per_epoch, scalars['train/loss'],
-                       scalars['train/lr'], images_per_sec, _format_seconds(eta))
 
       eval_metrics = None
       if do_eval:
-        eval_metrics = evaluate(compiled_eval_step, eval_variables(state), config, mesh)
+        with progress.timed('eval'):
+          eval_metrics = evaluate(compiled_eval_step, eval_variables(state), config, mesh)
         history['eval'][step] = eval_metrics
         writer.write_scalars(step, eval_metrics)
-        if is_chief:
-          logging.info('step %d eval: top-1 %.4f  top-5 %.4f  loss %.4f  (%d examples)', step,
-                       eval_metrics['eval/top1'], eval_metrics['eval/top5'],
-                       eval_metrics['eval/loss'], eval_metrics['eval/num_examples'])
       if do_checkpoint:
         checkpointing.save(manager, step, state, metrics=eval_metrics)
       if do_eval or do_checkpoint:
@@ -513,7 +373,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   manager.wait_until_finished()
   manager.close()
   writer.flush()
-  if history['preempted_at'] is not None and is_chief:
+  if history['preempted_at'] is not None and job.is_chief:
     logging.warning('Preempted: saved a checkpoint of step %d/%d in %s; relaunch with the same '
                     'workdir to resume from it.', history['preempted_at'], total_steps,
                     manager.directory)
@@ -523,35 +383,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:
   """Evaluates `config.init_from` if set, else the latest checkpoint in `workdir`."""
-  from debiformer_jax.data import input_pipeline
-
-  config = resolve_config(config, workdir)
-  validate_config(config, workdir)
-  mesh = sharding.make_mesh()
-  info = input_pipeline.dataset_info(config.data)
-  model = build_model(config, info.num_classes)
-  abstract = jax.eval_shape(
-      functools.partial(model.init, train=False), {'params': jax.random.PRNGKey(0)},
-      jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32))
-  abstract = {'params': abstract['params'], 'batch_stats': abstract.get('batch_stats', {})}
-  shardings = sharding.state_shardings(abstract, mesh, config.sharding, config.fsdp_min_size)
-  source = config.init_from or workdir
-  abstract = with_shardings(abstract, shardings)
-  variables = place_weights(source, abstract, drop_head=False)
+  job = setup(config, workdir)
+  config = job.config
+  abstract = weights.abstract_variables(job.model)
+  abstract = with_shardings(abstract, sharding.state_shardings(
+      abstract, job.mesh, config.sharding, config.fsdp_min_size))
+  source = config.init_from or job.workdir
+  variables = weights.load(source, abstract)
   step = 0
   if not config.init_from:
-    step = int(checkpointing.make_manager(checkpointing.checkpoint_dir(workdir),
-                                          read_only=True).latest_step())
-  compiled_eval_step = compile_eval_step(config, model=model, num_classes=info.num_classes,
-                                         mesh=mesh, abstract_variables=abstract)
-  metrics = evaluate(compiled_eval_step, variables, config, mesh)
-  writer = _metric_writer(workdir, jax.process_index() == 0)
+    step = checkpointing.make_manager(checkpointing.checkpoint_dir(job.workdir),
+                                      read_only=True).latest_step()
+  compiled_eval_step = compile_eval_step(config, model=job.model, mesh=job.mesh,
+                                         abstract_variables=abstract)
+  metrics = evaluate(compiled_eval_step, variables, config, job.mesh)
+  _log_chief('Evaluated %s.', source)
+  writer = _metric_writer(job)
   writer.write_scalars(step, metrics)
   writer.flush()
-  if jax.process_index() == 0:
-    logging.info('eval of %s: top-1 %.4f  top-5 %.4f  loss %.4f  (%d examples)', source,
-                 metrics['eval/top1'], metrics['eval/top5'], metrics['eval/loss'],
-                 metrics['eval/num_examples'])
   return metrics
 
 
@@ -564,13 +413,9 @@ def _log_chief(msg: str, *args) -> None:
 logging.ABSLLogger.register_frame_to_skip(__file__, '_log_chief')  # Log the caller's line.
 
 
-def _metric_writer(workdir: str, is_chief: bool) -> metric_writers.MetricWriter:
-  """TensorBoard (and log) writer on process 0; a writer that drops everything elsewhere."""
-  if is_chief:
-    return metric_writers.create_default_writer(workdir)
+def _metric_writer(job: Job) -> metric_writers.MetricWriter:
+  """TensorBoard events and one console line per write on process 0; nothing elsewhere."""
+  if job.is_chief:
+    os.makedirs(job.workdir, exist_ok=True)
+    return metric_writers.create_default_writer(job.workdir)
   return metric_writers.MultiWriter([])
-
-
-def _format_seconds(seconds: float) -> str:
-  seconds = int(max(seconds, 0))
-  return f'{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}'

@@ -60,6 +60,17 @@ def load_config_file(name: str):
   return module.get_config()
 
 
+def data_config(name: str = 'imagenet2012', **overrides):
+  """The recipe's data fields for dataset `name`, resolved as config.finalize does."""
+  from debiformer_jax import config
+
+  d = config.defaults().data
+  d.name = name
+  d.eval_split = config.EVAL_SPLITS[name]
+  d.update(overrides)
+  return d
+
+
 def small_config(**overrides):
   """The demo config with test sizes: batch 8, log every step, few steps."""
   c = load_config_file('demo')
@@ -79,12 +90,14 @@ def small_config(**overrides):
 def mock_imagenet_config(data_dir: str, **overrides):
   """The demo model on mock imagenet2012 with the ImageNet recipe's augmentation (RandAugment,
   random erasing, mixup/cutmix, label smoothing), EMA and stochastic depth on."""
-  from debiformer_jax import config_defaults
+  from debiformer_jax import config
 
   c = small_config(**overrides)
   c.model.drop_path_rate = 0.1
   c.ema_decay = 0.5
-  c.data = config_defaults.base_config().data
+  recipe = config.defaults()
+  c.data = recipe.data
+  c.mixup = recipe.mixup
   c.data.data_dir = data_dir
   c.data.shuffle_buffer = 64
   c.data.num_parallel_calls = 2

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import convert_torch_weights
-from debiformer_jax import checkpointing
+from debiformer_jax import weights
 from debiformer_jax.convert import convert_state_dict, load_torch_checkpoint, name_map
 from debiformer_jax.convert.verify import compare_logits
-from debiformer_jax.models import DeBiFormer, get_config
+from debiformer_jax.models import DeBiFormer, get_architecture
 from debiformer_jax.reference.torch_debiformer import build_torch_model, randomize_
 
 FIXTURE = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures' / 'official_debi_reduced'
@@ -34,7 +34,7 @@ def test_official_fixture_stages_and_logits():
   needs_fixture()
   variables = load_torch_checkpoint(str(FIXTURE / 'debi_reduced_seed7.pth'), 'debi_tiny',
                                     **REDUCED)
-  model = DeBiFormer(get_config('debiformer_tiny', **REDUCED))
+  model = DeBiFormer(get_architecture('debiformer_tiny', **REDUCED))
   x = np.load(FIXTURE / 'input_nchw.npy').transpose(0, 2, 3, 1)
   logits, stages = jax.jit(lambda v, x: model.apply(v, x, return_stages=True))(variables, x)
   for i, got in enumerate(stages):
@@ -47,7 +47,7 @@ def test_official_fixture_stages_and_logits():
 @pytest.mark.parametrize('name,seed', [('debiformer_tiny', 11), ('debiformer_small', 12),
                                        ('debiformer_base', 13)])
 def test_full_size_variants_match_the_reference(name, seed):
-  cfg = get_config(name)
+  cfg = get_architecture(name)
   torch_model = randomize_(build_torch_model(cfg), seed).eval()
   state_dict = {k: v.numpy() for k, v in torch_model.state_dict().items()}
   variables = convert_state_dict(state_dict, cfg)
@@ -59,14 +59,14 @@ def test_full_size_variants_match_the_reference(name, seed):
 @pytest.fixture(scope='module')
 def reduced_state_dict():
   """A reduced tiny model's state dict from our reference, as the reader returns it."""
-  cfg = get_config('debiformer_tiny', **REDUCED)
+  cfg = get_architecture('debiformer_tiny', **REDUCED)
   model = randomize_(build_torch_model(cfg), 3)
   return {k: v.numpy() for k, v in model.state_dict().items()
           if not k.endswith('num_batches_tracked')}
 
 
 def test_name_map_is_one_to_one_and_covers_every_tensor(reduced_state_dict):
-  cfg = get_config('debiformer_tiny', **REDUCED)
+  cfg = get_architecture('debiformer_tiny', **REDUCED)
   keys = [e.torch_key for e in name_map(cfg)]
   assert sorted(keys) == sorted(reduced_state_dict)
   variables = convert_state_dict(reduced_state_dict, cfg)
@@ -76,13 +76,13 @@ def test_name_map_is_one_to_one_and_covers_every_tensor(reduced_state_dict):
 
 def test_another_variant_is_an_error_naming_it(reduced_state_dict):
   with pytest.raises(ValueError, match=r'depths=\(1, 1, 1, 1\).*requested model has depths=\(2, 2, 9, 3\)'):
-    convert_state_dict(reduced_state_dict, get_config('debiformer_small'))
+    convert_state_dict(reduced_state_dict, get_architecture('debiformer_small'))
   with pytest.raises(ValueError, match='shape mismatch'):
-    convert_state_dict(reduced_state_dict, get_config('debiformer_base', **REDUCED))
+    convert_state_dict(reduced_state_dict, get_architecture('debiformer_base', **REDUCED))
 
 
 def test_missing_and_extra_keys_are_named(reduced_state_dict):
-  cfg = get_config('debiformer_tiny', **REDUCED)
+  cfg = get_architecture('debiformer_tiny', **REDUCED)
   sd = dict(reduced_state_dict)
   del sd['stages.1.0.attn2.rpe_table']
   with pytest.raises(ValueError, match=r'missing: stages\.1\.0\.attn2\.rpe_table'):
@@ -106,8 +106,8 @@ def test_cli_writes_a_checkpoint_that_loads_and_refuses_to_overwrite(tmp_path, r
           '--checkpoint', str(ckpt), '--output', str(out)]
   assert convert_torch_weights.main(args) == 0
   assert 'into debiformer_tiny: 15,422,422 parameters' in capsys.readouterr().out
-  cfg = get_config('debiformer_tiny', **REDUCED)
-  variables, meta = checkpointing.load_variables(str(out))
+  cfg = get_architecture('debiformer_tiny', **REDUCED)
+  variables, meta = weights.read(str(out))
   assert meta['model_name'] == 'debiformer_tiny'
   expected = convert_state_dict({k: v.astype(np.float16).astype(np.float32)
                                  for k, v in reduced_state_dict.items()}, cfg)
@@ -163,12 +163,10 @@ def test_main_eval_path_loads_converted_weights_with_the_converter_logits(tmp_pa
       ['--model', 'debi_tiny', '--model-override', 'depths=(1,1,1,1)', '--checkpoint',
        str(FIXTURE / 'debi_reduced_seed7.pth'), '--output', str(out), '--verify']) == 0
   assert 'parity OK' in capsys.readouterr().out
-  model = DeBiFormer(get_config('debiformer_tiny', **REDUCED))
-  abstract = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), np.zeros((1, 224, 224, 3))))
-  mesh = sharding.make_mesh()
-  shardings = sharding.state_shardings(abstract, mesh, 'dp', 2 ** 18)
-  placed = train.place_weights(str(out), train.with_shardings(abstract, shardings),
-                               drop_head=False)
+  model = DeBiFormer(get_architecture('debiformer_tiny', **REDUCED))
+  abstract = weights.abstract_variables(model)
+  shardings = sharding.state_shardings(abstract, sharding.make_mesh(), 'dp', 2 ** 18)
+  placed = weights.load(str(out), train.with_shardings(abstract, shardings))
   direct = load_torch_checkpoint(str(FIXTURE / 'debi_reduced_seed7.pth'), 'debi_tiny', **REDUCED)
   for a, b in zip(jax.tree.leaves(placed), jax.tree.leaves(direct)):
     np.testing.assert_array_equal(np.asarray(a), b)

@@ -10,6 +10,7 @@ from sklearn.datasets import load_digits
 
 from debiformer_jax.data import demo
 from debiformer_jax.data import input_pipeline as ip
+from tests import _train_testlib as lib
 
 
 def _files(root):
@@ -80,7 +81,7 @@ def test_incomplete_folder_is_never_taken_for_complete(tmp_path, monkeypatch):
 
 
 def test_digits_through_the_pipeline(digits_root):
-  cfg = ip.default_data_config('imagefolder')
+  cfg = lib.data_config('imagefolder')
   cfg.folder = digits_root
   cfg.prepare = 'sklearn_digits'
   info = ip.dataset_info(cfg)

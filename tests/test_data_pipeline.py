@@ -11,6 +11,7 @@ from PIL import Image
 
 from debiformer_jax.data import augment
 from debiformer_jax.data import input_pipeline as ip
+from tests import _train_testlib as lib
 
 CLASSES = ('dog', 'ant', 'cat')  # Sorted: ant=0, cat=1, dog=2.
 SIZE = 16
@@ -39,7 +40,7 @@ def folder(tmp_path_factory):
 
 
 def _folder_config(root, **overrides):
-  cfg = ip.default_data_config('imagefolder')
+  cfg = lib.data_config('imagefolder')
   cfg.folder = root
   cfg.update(overrides)
   return cfg
@@ -176,7 +177,7 @@ def mock_imagenet(tmp_path_factory):
 
 
 def test_mock_imagenet_train_and_eval(mock_imagenet):
-  cfg = ip.default_data_config('imagenet2012')
+  cfg = lib.data_config('imagenet2012')
   cfg.data_dir = mock_imagenet
   with tfds.testing.mock_data(num_examples=10, policy=tfds.testing.MockPolicy.USE_FILES,
                               data_dir=mock_imagenet):
@@ -205,7 +206,7 @@ def test_mock_imagenet_train_and_eval(mock_imagenet):
 
 
 def test_imagenet_missing_says_how_to_prepare(tmp_path):
-  cfg = ip.default_data_config()
+  cfg = lib.data_config()
   cfg.data_dir = str(tmp_path)
   with pytest.raises(FileNotFoundError) as e:
     ip.dataset_info(cfg)
@@ -223,67 +224,6 @@ def test_missing_folder_and_split(folder, tmp_path):
     ip.dataset_info(_folder_config(str(tmp_path / 'nope')))
   with pytest.raises(ValueError, match=r"data.eval_split='validation'.*\['train', 'val'\]"):
     ip.dataset_info(_folder_config(folder, eval_split='validation'))
-
-
-@pytest.mark.parametrize('field,value,needle', [
-    ('name', 'cifar10', "one of ['imagenet2012', 'imagefolder']"),
-    ('prepare', 'mnist', "one of ['', 'sklearn_digits']"),
-    ('randaugment', 'rand-m9-bogus', 'rand-m9-mstd0.5-inc1'),
-    ('randaugment', 'autoaug', 'must start with "rand"'),
-    ('random_erase', 1.5, '[0, 1]'),
-    ('rrc_scale', (0.5, 0.1), '0 < lo <= hi <= 1'),
-    ('mixup', -1.0, '>= 0'),
-    ('cutmix', -0.5, '>= 0'),
-    ('mixup_switch_prob', 2.0, '[0, 1]'),
-    ('label_smoothing', 1.0, '[0, 1)'),
-    ('eval_crop_pct', 0.0, '(0, 1]'),
-    ('shuffle_buffer', -3, 'integer >= 0'),
-    ('num_parallel_calls', 0, 'AUTOTUNE'),
-    ('hflip', 'yes', 'True or False'),
-    ('cache', 1, 'True or False'),
-    ('train_split', '', 'non-empty'),
-])
-def test_bad_config_values(field, value, needle):
-  cfg = ip.default_data_config()
-  if isinstance(value, type(cfg[field])) or cfg[field] is None:
-    cfg[field] = value
-  else:  # Bypass ConfigDict's type check to simulate a bad override.
-    cfg = cfg.to_dict()
-    cfg[field] = value
-    import ml_collections  # pylint: disable=g-import-not-at-top
-    cfg = ml_collections.ConfigDict(cfg)
-  with pytest.raises(ValueError) as e:
-    ip.validate_data_config(cfg)
-  assert f'data.{field}=' in str(e.value) and needle in str(e.value)
-
-
-def test_config_cross_field_rules():
-  cfg = ip.default_data_config()
-  cfg.prepare = 'sklearn_digits'
-  with pytest.raises(ValueError, match="data.prepare=.*needs data.name='imagefolder'"):
-    ip.validate_data_config(cfg)
-  cfg = ip.default_data_config('imagefolder')
-  with pytest.raises(ValueError, match='data.folder=None'):
-    ip.validate_data_config(cfg)
-  cfg = ip.default_data_config()
-  cfg.download = True
-  with pytest.raises(ValueError, match='data.manual_dir=None'):
-    ip.validate_data_config(cfg)
-  cfg = ip.default_data_config()
-  cfg.mixupp = 0.5
-  with pytest.raises(ValueError, match='unknown field'):
-    ip.validate_data_config(cfg)
-  ip.validate_data_config(ip.default_data_config())
-
-
-def test_default_config_matches_recipe():
-  cfg = ip.default_data_config()
-  assert cfg.name == 'imagenet2012' and cfg.eval_split == 'validation'
-  assert cfg.randaugment == 'rand-m9-mstd0.5-inc1' and cfg.random_erase == 0.25
-  assert (cfg.mixup, cfg.cutmix, cfg.mixup_switch_prob, cfg.label_smoothing) == (
-      0.8, 1.0, 0.5, 0.1)
-  assert cfg.eval_crop_pct == 0.875 and tuple(cfg.rrc_scale) == (0.08, 1.0)
-  assert ip.default_data_config('imagefolder').eval_split == 'val'
 
 
 def test_cache_does_not_change_the_stream(folder):

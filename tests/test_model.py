@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from debiformer_jax.models import Implementation, create_model, get_config
+from debiformer_jax.models import Implementation, create_model, get_architecture
 from debiformer_jax.models import attention, routing
 from debiformer_jax.models.layers import DepthwiseConv
 from debiformer_jax.models.sampling import bilinear_sample, bilinear_sample_matmul
@@ -100,7 +100,7 @@ def test_depthwise_conv_formulations_agree(stride):
   x = jax.random.normal(jax.random.PRNGKey(0), (2, 11, 9, 5))
   outs, grads = [], []
   for impl in ('grouped', 'shifted'):  # 'shifted' has a hand-written backward pass
-    conv = DepthwiseConv(5, stride=stride, impl=impl)
+    conv = DepthwiseConv(5, stride=stride, dwconv=impl)
     params = conv.init(jax.random.PRNGKey(1), x)
     outs.append(np.asarray(conv.apply(params, x)))
     weight = jax.random.normal(jax.random.PRNGKey(2), outs[-1].shape)
@@ -123,7 +123,7 @@ def test_parameter_counts_match_the_official_models():
 
 
 def test_official_names_are_aliases_and_unknown_names_are_listed():
-  assert get_config('debi_small') == get_config('debiformer_small')
+  assert get_architecture('debi_small') == get_architecture('debiformer_small')
   with pytest.raises(ValueError, match='debiformer_tiny.*debi_base|known models'):
     create_model('debiformer_huge')
   with pytest.raises(ValueError, match='unknown model field'):
@@ -132,11 +132,11 @@ def test_official_names_are_aliases_and_unknown_names_are_listed():
 
 def test_bad_config_values_are_named():
   with pytest.raises(ValueError, match='head_dim'):
-    get_config('debiformer_tiny', widths=(64, 128, 250, 512))
+    get_architecture('debiformer_tiny', widths=(64, 128, 250, 512))
   with pytest.raises(ValueError, match='topk2'):
-    get_config('debiformer_tiny', topk2=(4, 8, 50, -1))
+    get_architecture('debiformer_tiny', topk2=(4, 8, 50, -1))
   with pytest.raises(ValueError, match='one entry per stage'):
-    get_config('debiformer_tiny', depths=(1, 1, 1))
+    get_architecture('debiformer_tiny', depths=(1, 1, 1))
 
 
 @pytest.fixture(scope='module')
@@ -243,7 +243,7 @@ def test_unknown_implementation_values_are_named():
   with pytest.raises(ValueError, match='dense_routing'):
     Implementation(dense_routing=-1).resolve('cpu')
   for backend in ('cpu', 'tpu', 'gpu'):
-    impl = Implementation.for_backend(backend)
+    impl = Implementation().resolve(backend)
     assert impl.resolve(backend) == impl and 'auto' not in dataclasses.astuple(impl)
 
 
@@ -320,7 +320,7 @@ def test_bfloat16_full_size_tiny_tracks_the_float32_reference():
   from debiformer_jax.models import DeBiFormer
   from debiformer_jax.reference.torch_debiformer import (build_torch_model, clear_routing_input,
                                                          randomize_)
-  cfg = get_config('debiformer_tiny')
+  cfg = get_architecture('debiformer_tiny')
   torch_model = randomize_(build_torch_model(cfg), 5).eval()
   variables = convert_state_dict({k: v.numpy() for k, v in torch_model.state_dict().items()},
                                  cfg)

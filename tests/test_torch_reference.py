@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from debiformer_jax.convert.reader import read_torch_state_dict
-from debiformer_jax.models.config import BASE, SMALL, TINY
+from debiformer_jax.models.architecture import BASE, SMALL, TINY
 from debiformer_jax.reference import (build_torch_model, clear_routing_input,
                                       min_routing_margin, randomize_)
 

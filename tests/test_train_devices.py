@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import optax
 
-from debiformer_jax import checkpointing, sharding, train
+from debiformer_jax import sharding, train, weights
 from tests import _train_testlib as lib
 
 NUM_CLASSES, STEPS_PER_EPOCH, TOTAL_STEPS, NUM_STEPS = 1000, 3, 6, 2
@@ -32,7 +32,7 @@ def _setup(config, mesh):
   tx = train.make_optimizer(config, schedule)
   init_fn, abstract_state, state_sharding = train.abstract_train_state(config, model, tx, mesh)
   compile_step = lambda: train.compile_train_step(
-      config, model=model, tx=tx, schedule=schedule, num_classes=NUM_CLASSES, mesh=mesh,
+      config, model=model, tx=tx, schedule=schedule, mesh=mesh,
       abstract_state=abstract_state, state_sharding=state_sharding)
   return init_fn, abstract_state, state_sharding, compile_step
 
@@ -119,7 +119,7 @@ def test_one_device_equals_eight_devices_dp_and_fsdp(tmp_path):
   assert child.returncode == 0, log[-4000:]
   out = np.load(out_path)
 
-  names = list(checkpointing.flatten(final_1.params))
+  names = list(weights.flatten(final_1.params))
   params_1 = _leaves(final_1.params)
   mu_1 = _leaves(optax.tree_utils.tree_get(final_1.opt_state, 'mu'))
   mu_scale = np.sqrt(sum(np.sum(m ** 2) for m in mu_1))

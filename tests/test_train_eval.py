@@ -5,6 +5,8 @@ expected numbers are computed independently in numpy. train.evaluate runs exactl
 training, on batches shaped like create_eval_iterator's (last one padded and masked).
 """
 
+import types
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -18,6 +20,10 @@ from tests import _train_testlib as lib
 
 class LookupModel(nn.Module):
   logits: tuple  # Nested tuples [num_examples][num_classes] (hashable).
+
+  @property
+  def config(self):  # What eval_step reads of a model's architecture.
+    return types.SimpleNamespace(num_classes=len(self.logits[0]))
 
   @nn.compact
   def __call__(self, x, train=False):
@@ -50,7 +56,7 @@ def test_evaluate_counts_each_example_once(num_examples, batch, num_classes, mon
   monkeypatch.setattr(input_pipeline, 'create_eval_iterator', lambda *a, **k: iter(batches))
 
   model = LookupModel(tuple(map(tuple, logits.tolist())))
-  step = jax.jit(lambda v, b, t: train.eval_step(v, b, t, model=model, num_classes=num_classes))
+  step = jax.jit(lambda v, b, t: train.eval_step(v, b, t, model=model))
   mesh = sharding.make_mesh(devices=jax.devices()[:1])  # Batches of 4 or 5 on any host.
   metrics = train.evaluate(step, {'params': {}}, config, mesh)
 

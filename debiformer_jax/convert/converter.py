@@ -10,13 +10,12 @@ import re
 from typing import Dict, Mapping, Optional
 
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 
+from debiformer_jax import weights
 from debiformer_jax.convert.name_map import TRANSFORMS, name_map
 from debiformer_jax.convert.reader import read_torch_state_dict
-from debiformer_jax.models import PRESETS, DeBiFormer, DeBiFormerConfig, get_config
+from debiformer_jax.models import PRESETS, Architecture, DeBiFormer, get_architecture
 
 _SHOW = 12
 
@@ -25,14 +24,6 @@ def _listing(items) -> str:
   items = sorted(items)
   shown = ', '.join(items[:_SHOW])
   return shown + (f', ... ({len(items)} in all)' if len(items) > _SHOW else '')
-
-
-def abstract_variables(cfg: DeBiFormerConfig):
-  """Shapes of the Flax variables of a model built from `cfg` (no computation)."""
-  model = DeBiFormer(cfg)
-  side = cfg.valid_input_sizes(1)[0]
-  x = jax.ShapeDtypeStruct((1, side, side, cfg.in_chans), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x), x)
 
 
 def checkpoint_architecture(state_dict: Mapping[str, np.ndarray]) -> Optional[str]:
@@ -56,9 +47,9 @@ def checkpoint_architecture(state_dict: Mapping[str, np.ndarray]) -> Optional[st
   return desc + (f' (that is {same[0]})' if same else '')
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], cfg: DeBiFormerConfig):
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], cfg: Architecture):
   """Flax variables {'params', 'batch_stats'} for `cfg` from an official state dict (numpy)."""
-  expected = flax.traverse_util.flatten_dict(flax.core.unfreeze(abstract_variables(cfg)))
+  expected = flax.traverse_util.flatten_dict(weights.abstract_variables(DeBiFormer(cfg)))
   entries = name_map(cfg)
   mapped_keys = [e.torch_key for e in entries]
   mapped_leaves = [(e.collection,) + e.path for e in entries]
@@ -109,5 +100,5 @@ def load_torch_checkpoint(path: str, model_name: str, *, ema: bool = False, **ov
   config fields (e.g. depths for a reduced model). `ema=True` takes `model_ema`.
   Returns {'params': ..., 'batch_stats': ...} of float32 numpy arrays.
   """
-  cfg = get_config(model_name, **overrides)
+  cfg = get_architecture(model_name, **overrides)
   return convert_state_dict(read_torch_state_dict(path, ema=ema), cfg)

@@ -20,7 +20,7 @@ from typing import List, Tuple
 
 import numpy as np
 
-from debiformer_jax.models.config import DeBiFormerConfig
+from debiformer_jax.models.architecture import Architecture
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,7 +99,7 @@ def _block(cfg, s, t, path):
   return entries
 
 
-def name_map(cfg: DeBiFormerConfig) -> List[Entry]:
+def name_map(cfg: Architecture) -> List[Entry]:
   """Every tensor of the official model for `cfg` (except num_batches_tracked)."""
   entries = _weight_bias('downsample_layers.0.0', ('stem_conv1',), 'conv')
   entries += _batch_norm('downsample_layers.0.1', ('stem_bn1',))

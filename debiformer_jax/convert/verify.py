@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import torch
 
-from debiformer_jax.models import DeBiFormer, DeBiFormerConfig
+from debiformer_jax.models import Architecture, DeBiFormer
 from debiformer_jax.reference.torch_debiformer import build_torch_model, clear_routing_input
 
 RELATIVE_TOLERANCE = 1e-4
@@ -40,7 +40,7 @@ class ParityReport:
             f'batch {self.batch} at {self.image_size}x{self.image_size}')
 
 
-def torch_model_from_state_dict(state_dict, cfg: DeBiFormerConfig) -> torch.nn.Module:
+def torch_model_from_state_dict(state_dict, cfg: Architecture) -> torch.nn.Module:
   """Our PyTorch reference with `state_dict` (numpy arrays, official names) loaded, eval mode."""
   model = build_torch_model(cfg)
   tensors = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in state_dict.items()}
@@ -52,7 +52,7 @@ def torch_model_from_state_dict(state_dict, cfg: DeBiFormerConfig) -> torch.nn.M
   return model.eval()
 
 
-def compare_logits(torch_model, variables, cfg: DeBiFormerConfig, *, batch: int = 2,
+def compare_logits(torch_model, variables, cfg: Architecture, *, batch: int = 2,
                    image_size: int = 224, seed: int = 0) -> ParityReport:
   """Runs both models on one clear-routing input (float32, CPU for torch) and compares."""
   cfg.check_input_size(image_size, image_size)

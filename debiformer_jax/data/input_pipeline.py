@@ -1,4 +1,4 @@
-"""Datasets, the data config, and the train/eval input pipelines.
+"""Datasets and the train/eval input pipelines.
 
 tf.data runs on the host and yields numpy batches; the training loop turns them into
 global jax.Arrays. Batches are dicts of
@@ -27,8 +27,6 @@ import os
 from typing import Iterator, List, Optional, Tuple
 
 import jax
-import ml_collections
-from ml_collections import config_dict
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -48,9 +46,6 @@ def _hide_accelerators_from_tf() -> None:
 
 _hide_accelerators_from_tf()
 
-NAMES = ('imagenet2012', 'imagefolder')
-PREPARE = ('', 'sklearn_digits')
-_DEFAULT_EVAL_SPLIT = {'imagenet2012': 'validation', 'imagefolder': 'val'}
 _FOREVER = 2 ** 62
 
 _IMAGENET_HELP = (
@@ -59,118 +54,6 @@ _IMAGENET_HELP = (
     '--config.data.download=True --config.data.manual_dir=DIR '
     '(and --config.data.data_dir=... to choose where the prepared TFRecords go, '
     'about 150 GB).')
-
-
-# ---------------------------------------------------------------------------------------
-# Config.
-
-
-def default_data_config(name: str = 'imagenet2012') -> ml_collections.ConfigDict:
-  """The data config with the official ImageNet-1k recipe's augmentation defaults."""
-  if name not in NAMES:
-    raise ValueError(f'data.name={name!r} is invalid: must be one of {list(NAMES)}.')
-  c = ml_collections.ConfigDict()
-  c.name = name
-  c.data_dir = config_dict.placeholder(str)  # tfds data dir; None = tfds default.
-  c.manual_dir = config_dict.placeholder(str)  # Where the ILSVRC2012 tars are.
-  c.download = False  # Run tfds download_and_prepare (from manual_dir) if missing.
-  c.folder = config_dict.placeholder(str)  # ImageFolder root.
-  c.prepare = ''  # '' or 'sklearn_digits' (write the demo ImageFolder into `folder`).
-  c.train_split = 'train'
-  c.eval_split = _DEFAULT_EVAL_SPLIT[name]
-  c.eval_crop_pct = 0.875
-  c.randaugment = 'rand-m9-mstd0.5-inc1'  # '' = off.
-  c.random_erase = 0.25
-  c.hflip = True
-  c.rrc_scale = (0.08, 1.0)
-  c.mixup = 0.8
-  c.cutmix = 1.0
-  c.mixup_switch_prob = 0.5
-  c.label_smoothing = 0.1
-  c.shuffle_buffer = 16384
-  c.cache = False  # Keep this process's encoded images in memory.
-  c.num_parallel_calls = -1  # -1 = AUTOTUNE.
-  return c
-
-
-_FIELDS = tuple(default_data_config().keys())
-
-
-def _is_number(v) -> bool:
-  return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
-
-
-def validate_data_config(cfg) -> None:
-  """Raises ValueError naming the first bad field and what it may be."""
-
-  def bad(field, allowed):
-    raise ValueError(f'data.{field}={cfg.get(field)!r} is invalid: {allowed}.')
-
-  keys = set(cfg.keys())
-  if keys - set(_FIELDS):
-    raise ValueError(f'data config has unknown field(s) {sorted(keys - set(_FIELDS))}; '
-                     f'known fields: {list(_FIELDS)}.')
-  if set(_FIELDS) - keys:
-    raise ValueError(f'data config lacks field(s) {sorted(set(_FIELDS) - keys)}; '
-                     f'start from default_data_config().')
-  if cfg.name not in NAMES:
-    bad('name', f'must be one of {list(NAMES)}')
-  if cfg.prepare not in PREPARE:
-    bad('prepare', f'must be one of {list(PREPARE)}')
-  for field in ('data_dir', 'manual_dir', 'folder'):
-    if cfg.get(field) is not None and not isinstance(cfg.get(field), str):
-      bad(field, 'must be a path (string) or None')
-  if cfg.prepare == 'sklearn_digits' and cfg.name != 'imagefolder':
-    bad('prepare', "'sklearn_digits' writes an ImageFolder, so it needs data.name='imagefolder'")
-  if cfg.name == 'imagefolder' and not cfg.folder:
-    bad('folder', 'data.name=imagefolder needs the ImageFolder root '
-        '(root/<split>/<class>/*.jpg|jpeg|png)')
-  if not isinstance(cfg.download, bool):
-    bad('download', 'must be True or False')
-  if cfg.download and cfg.name == 'imagefolder':
-    bad('download', 'only tfds datasets (imagenet2012) are downloaded; '
-        'use data.prepare for the demo folder')
-  if cfg.download and not cfg.manual_dir:
-    bad('manual_dir', 'data.download=True needs the directory holding '
-        'ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar')
-  for field in ('train_split', 'eval_split'):
-    if not isinstance(cfg.get(field), str) or not cfg.get(field):
-      bad(field, 'must be a non-empty split name (e.g. '
-          f'{"train" if field == "train_split" else _DEFAULT_EVAL_SPLIT[cfg.name]!r})')
-  if not _is_number(cfg.eval_crop_pct) or not 0 < cfg.eval_crop_pct <= 1:
-    bad('eval_crop_pct', 'must be a number in (0, 1] (0.875: 224 crop of a 256 resize)')
-  if not isinstance(cfg.randaugment, str):
-    bad('randaugment', "must be a timm policy string like 'rand-m9-mstd0.5-inc1' or ''")
-  if cfg.randaugment:
-    try:
-      randaugment.parse_randaugment(cfg.randaugment)
-    except ValueError as e:
-      raise ValueError(f'data.randaugment={cfg.randaugment!r} is invalid: {e} '
-                       "Use e.g. 'rand-m9-mstd0.5-inc1', or '' for none.") from None
-  if not _is_number(cfg.random_erase) or not 0 <= cfg.random_erase <= 1:
-    bad('random_erase', 'must be a probability in [0, 1]')
-  if not isinstance(cfg.hflip, bool):
-    bad('hflip', 'must be True or False')
-  scale = cfg.rrc_scale
-  if (not isinstance(scale, (tuple, list)) or len(scale) != 2
-      or not all(_is_number(v) for v in scale) or not 0 < scale[0] <= scale[1] <= 1):
-    bad('rrc_scale', 'must be a pair (lo, hi) with 0 < lo <= hi <= 1')
-  for field in ('mixup', 'cutmix'):
-    if not _is_number(cfg.get(field)) or cfg.get(field) < 0:
-      bad(field, 'must be a Beta alpha >= 0 (0 disables it)')
-  if not _is_number(cfg.mixup_switch_prob) or not 0 <= cfg.mixup_switch_prob <= 1:
-    bad('mixup_switch_prob', 'must be a probability in [0, 1]')
-  if not _is_number(cfg.label_smoothing) or not 0 <= cfg.label_smoothing < 1:
-    bad('label_smoothing', 'must be in [0, 1)')
-  if (not isinstance(cfg.shuffle_buffer, (int, np.integer)) or isinstance(cfg.shuffle_buffer, bool)
-      or cfg.shuffle_buffer < 0):
-    bad('shuffle_buffer', 'must be an integer >= 0 (0 or 1: no shuffle buffer)')
-  if not isinstance(cfg.cache, bool):
-    bad('cache', 'must be True or False')
-  npc = cfg.num_parallel_calls
-  if (not isinstance(npc, (int, np.integer)) or isinstance(npc, bool)
-      or not (npc == -1 or npc >= 1)):
-    bad('num_parallel_calls', 'must be -1 (AUTOTUNE) or a positive integer')
 
 
 # ---------------------------------------------------------------------------------------
@@ -300,7 +183,6 @@ def _tfds_builder(cfg):
 
 def dataset_info(config) -> DatasetInfo:
   """Sizes and class count of the configured dataset (prepares the demo folder first)."""
-  validate_data_config(config)
   source = _Source(config)
   return DatasetInfo(
       num_classes=len(source.class_names),
@@ -371,7 +253,6 @@ def create_train_iterator(data_config, *, global_batch_size: int, image_size: in
   (n+1)-th on. `process_index` / `process_count` default to JAX's.
   """
   cfg = data_config
-  validate_data_config(cfg)
   index, count = _process(process_index, process_count)
   local_batch = _local_batch(global_batch_size, count)
   if start_step < 0:
@@ -466,7 +347,6 @@ def create_eval_iterator(data_config, *, global_batch_size: int, image_size: int
   """Eval batches (resize shorter side to size / eval_crop_pct, centre crop), padded and
   masked so that every example of the split counts exactly once over all processes."""
   cfg = data_config
-  validate_data_config(cfg)
   index, count = _process(process_index, process_count)
   local_batch = _local_batch(global_batch_size, count)
   source = _Source(cfg)

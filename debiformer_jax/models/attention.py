@@ -11,9 +11,11 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from einops import rearrange
 from jax import lax
 
 from debiformer_jax.models import routing
+from debiformer_jax.models.implementation import Implementation
 from debiformer_jax.models.layers import ConvMLP, Dense, DepthwiseConv, gelu, layer_norm
 from debiformer_jax.models.sampling import bilinear_sample, get_sampler, interpolation_matrix
 
@@ -30,22 +32,21 @@ class BRA(nn.Module):
   num_heads: int
   n_win: int
   topk: int
-  side_dwconv: int = 5
-  dwconv_impl: str = 'shifted'
-  gather_impl: str = 'take'
-  dense_routing: int = 0
+  side_dwconv: int
+  impl: Implementation  # Resolved (no 'auto').
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
-    n, h, w, c = x.shape
+    c = x.shape[-1]
     qkv = Dense(3 * c, dtype=self.dtype, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
-    lepe = DepthwiseConv(self.side_dwconv, impl=self.dwconv_impl, dtype=self.dtype,
+    lepe = DepthwiseConv(self.side_dwconv, dwconv=self.impl.dwconv, dtype=self.dtype,
                          name='lepe')(v)
     out = routing.bilevel_attention(q, k, v, n_win=self.n_win, heads=self.num_heads,
                                     topk=self.topk, scale=c ** -0.5,
-                                    gather_impl=self.gather_impl, dense_limit=self.dense_routing)
+                                    region_gather=self.impl.region_gather,
+                                    dense_routing=self.impl.dense_routing)
     return Dense(c, dtype=self.dtype, name='wo')(out + lepe)
 
 
@@ -68,73 +69,61 @@ class DBRA(nn.Module):
   num_heads: int
   n_win: int
   topk: int
+  side_dwconv: int
+  impl: Implementation  # Resolved (no 'auto').
   groups: int
   offset_kernel: int
   stride: int
   mlp_ratio: int
   rpe_size: int
-  side_dwconv: int = 5
-  dwconv_impl: str = 'shifted'
-  gather_impl: str = 'take'
-  dense_routing: int = 0
-  sample_impl: str = 'gather'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     n, h, w, c = x.shape
-    p, g, scale = self.n_win, self.groups, c ** -0.5
-    cg, heads = c // self.groups, self.num_heads
-    sample = get_sampler(self.sample_impl)
+    p, g, scale, heads, impl = self.n_win, self.groups, c ** -0.5, self.num_heads, self.impl
+    sample = get_sampler(impl.sampling)
 
     qkv = Dense(3 * c, dtype=self.dtype, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
 
     # Offsets per group, shared weights across groups.
-    q_groups = _split_groups(q, g)  # (N*G, H, W, Cg)
+    q_groups = rearrange(q, 'n h w (g c) -> (n g) h w c', g=g)
     off = DepthwiseConv(self.offset_kernel, stride=self.stride, use_bias=False,
-                        impl=self.dwconv_impl, dtype=self.dtype, name='offset_dwconv')(q_groups)
+                        dwconv=impl.dwconv, dtype=self.dtype, name='offset_dwconv')(q_groups)
     off = gelu(layer_norm(1e-5, self.dtype, 'offset_norm')(off))
     off = Dense(1, use_bias=False, dtype=self.dtype, name='offset_proj')(off)  # (N*G, Hk, Wk, 1)
     hk, wk = off.shape[1], off.shape[2]
     pos = jnp.clip(_reference_points(hk, wk) + off.astype(jnp.float32), -1.0, 1.0)
-    pos = pos.reshape(n * g, hk * wk, 2)  # (y, x) per group
+    pos = rearrange(pos, 'ng h w yx -> ng (h w) yx')  # (N*G, Hk*Wk, 2) as (y, x)
 
-    x_tilde = sample(_split_groups(x, g).astype(jnp.float32), pos).astype(self.dtype)
-    x_tilde = _merge_groups(x_tilde.reshape(n * g, hk, wk, cg), g)  # (N, Hk, Wk, C)
+    x_groups = rearrange(x, 'n h w (g c) -> (n g) h w c', g=g).astype(jnp.float32)
+    x_tilde = sample(x_groups, pos).astype(self.dtype)  # (N*G, Hk*Wk, Cg)
+    x_tilde = rearrange(x_tilde, '(n g) (h w) c -> n h w (g c)', g=g, h=hk)  # (N, Hk, Wk, C)
 
     # Bi-level routing attention of the deformable queries over the full-resolution k, v.
     q_def = Dense(c, dtype=self.dtype, name='proj_q')(x_tilde)  # (N, Hk, Wk, C)
     out = routing.bilevel_attention(q_def, k, v, n_win=p, heads=heads, topk=self.topk,
-                                    scale=scale, gather_impl=self.gather_impl,
-                                    dense_limit=self.dense_routing)
-    lepe = DepthwiseConv(self.side_dwconv, stride=self.stride, impl=self.dwconv_impl,
+                                    scale=scale, region_gather=impl.region_gather,
+                                    dense_routing=impl.dense_routing)
+    lepe = DepthwiseConv(self.side_dwconv, stride=self.stride, dwconv=impl.dwconv,
                          dtype=self.dtype, name='lepe')(v)
     o = x_tilde + Dense(c, dtype=self.dtype, name='unifyheads')(out + lepe)
-    o = o + ConvMLP(self.mlp_ratio, self.dwconv_impl, self.dtype, name='mlp')(
+    o = o + ConvMLP(self.mlp_ratio, impl.dwconv, self.dtype, name='mlp')(
         layer_norm(1e-6, self.dtype, 'mlp_norm')(o))
     o = layer_norm(1e-6, self.dtype, 'out_norm')(o)
 
     # Every full-resolution query attends to all deformable tokens, with relative-position bias.
-    k2 = Dense(c, dtype=self.dtype, name='proj_k')(o).reshape(n, hk * wk, c)
-    v2 = Dense(c, dtype=self.dtype, name='proj_v')(o).reshape(n, hk * wk, c)
+    tokens = lambda a: rearrange(a, 'n h w c -> n (h w) c')
+    k2 = tokens(Dense(c, dtype=self.dtype, name='proj_k')(o))
+    v2 = tokens(Dense(c, dtype=self.dtype, name='proj_v')(o))
     rpe_table = self.param('rpe_table', nn.initializers.truncated_normal(0.01),
                            (heads, 2 * self.rpe_size - 1, 2 * self.rpe_size - 1))
-    bias = rpe_bias(rpe_table, pos.reshape(n, g, hk * wk, 2), h, w, self.sample_impl)
-    out = routing.multihead_attention(q.reshape(n, h * w, c), k2, v2, heads, scale, bias)
-    return Dense(c, dtype=self.dtype, name='proj_out')(out.reshape(n, h, w, c))
-
-
-def _split_groups(x, g):
-  """(N, H, W, G*Cg) -> (N*G, H, W, Cg), channel groups g-major as the official '(g c)'."""
-  n, h, w, c = x.shape
-  return x.reshape(n, h, w, g, c // g).transpose(0, 3, 1, 2, 4).reshape(n * g, h, w, c // g)
-
-
-def _merge_groups(x, g):
-  """(N*G, H, W, Cg) -> (N, H, W, G*Cg); the inverse of `_split_groups`."""
-  ng, h, w, cg = x.shape
-  return x.reshape(ng // g, g, h, w, cg).transpose(0, 2, 3, 1, 4).reshape(ng // g, h, w, g * cg)
+    bias = rpe_bias(rpe_table, rearrange(pos, '(n g) s yx -> n g s yx', g=g), h, w,
+                    impl.sampling)
+    out = routing.multihead_attention(tokens(q), k2, v2, heads, scale, bias)
+    out = rearrange(out, 'n (h w) c -> n h w c', h=h)
+    return Dense(c, dtype=self.dtype, name='proj_out')(out)
 
 
 def _reference_points(hk, wk):
@@ -151,15 +140,17 @@ def _axis_grid(size):
 
 def _query_grid(h, w):
   """(H*W, 2) align-corners grid (y, x) of the full-resolution queries."""
-  return jnp.stack(jnp.meshgrid(_axis_grid(h), _axis_grid(w), indexing='ij'), axis=-1).reshape(h * w, 2)
+  grid = jnp.stack(jnp.meshgrid(_axis_grid(h), _axis_grid(w), indexing='ij'), axis=-1)
+  return rearrange(grid, 'h w yx -> (h w) yx')
 
 
-def rpe_bias(table, pos, h, w, impl: str = 'gather'):
+def rpe_bias(table, pos, h, w, sampling: str = 'gather'):
   """Relative-position bias (N, heads, H*W, Ns) from the table (heads, 2q-1, 2q-1).
 
   pos: (N, G, Ns, 2) deformable positions (y, x) per group; head m belongs to group
   m // (heads/G). The table is sampled (bilinear, align_corners=True, zero padding) at
-  (query - pos) * 0.5 for every full-resolution query and every point. `impl`:
+  (query - pos) * 0.5 for every full-resolution query and every point. `sampling`
+  (`Implementation.sampling`):
     'gather': gathers. When one query step is exactly one table cell (the table side is
       2*side - 1, true at every stage of the official models at 224), the bias of one point
       is a bilinear blend of an (H+1)x(W+1) window of the table: `_rpe_bias_window`, one
@@ -174,25 +165,24 @@ def rpe_bias(table, pos, h, w, impl: str = 'gather'):
   """
   n, g, ns, _ = pos.shape
   heads, th, tw = table.shape
-  if impl == 'gather':
+  if sampling == 'gather':
     if th - 1 == 2 * (h - 1) and tw - 1 == 2 * (w - 1) and h > 1 and w > 1:
       return _rpe_bias_window(table, pos, h, w)
     disp = (_query_grid(h, w)[None, None, :, None, :] - pos[:, :, None, :, :]) * 0.5
-    disp = disp.transpose(1, 0, 2, 3, 4).reshape(g, n * h * w * ns, 2)  # (G, P, 2)
-    tables = table.reshape(g, heads // g, th, tw).transpose(0, 2, 3, 1)  # (G, th, tw, heads/G)
+    disp = rearrange(disp, 'n g q s yx -> g (n q s) yx')  # (G, P, 2)
+    tables = rearrange(table, '(g m) y x -> g y x m', g=g)  # (G, th, tw, heads/G)
     bias = bilinear_sample(tables, disp)  # (G, P, heads/G)
-    bias = bias.reshape(g, n, h * w, ns, heads // g).transpose(1, 0, 4, 2, 3)
-    return bias.reshape(n, heads, h * w, ns)
-  if impl == 'matmul':
+    return rearrange(bias, 'g (n q s) m -> n (g m) q s', n=n, s=ns)
+  if sampling == 'matmul':
     # Same displacement arithmetic as the gather form, per axis.
     wy = interpolation_matrix((_axis_grid(h)[:, None] - pos[:, :, None, :, 0]) * 0.5, th)
     wx = interpolation_matrix((_axis_grid(w)[:, None] - pos[:, :, None, :, 1]) * 0.5, tw)
-    tables = table.reshape(g, heads // g, th, tw)  # (G, heads/G, th, tw)
+    tables = rearrange(table, '(g m) y x -> g m y x', g=g)  # (G, heads/G, th, tw)
     hi = lax.Precision.HIGHEST  # exact f32 interpolation on TPU too (these matmuls are small)
     rows = jnp.einsum('ngiky,ghyx->nghikx', wy, tables, precision=hi)  # (N, G, hpg, H, Ns, tw)
     bias = jnp.einsum('nghikx,ngjkx->nghijk', rows, wx, precision=hi)  # (N, G, hpg, H, W, Ns)
-    return bias.reshape(n, heads, h * w, ns)
-  raise ValueError(f"unknown sampling implementation {impl!r}; choose 'gather' or 'matmul'.")
+    return rearrange(bias, 'n g m i j s -> n (g m) (i j) s')
+  raise ValueError(f"unknown sampling {sampling!r}; choose 'gather' or 'matmul'.")
 
 
 def _rpe_bias_window(table, pos, h, w):
@@ -211,7 +201,8 @@ def _rpe_bias_window(table, pos, h, w):
   px = ((-1.0 - pos[..., 1]) * 0.5 + 1.0) * 0.5 * (tw - 1)
   y0, x0 = jnp.floor(py), jnp.floor(px)
   fy, fx = (py - y0)[..., None, None, None], (px - x0)[..., None, None, None]
-  padded = jnp.pad(table.reshape(g, hpg, th, tw), ((0, 0), (0, 0), (1, 1), (1, 1)))
+  padded = jnp.pad(rearrange(table, '(g m) y x -> g m y x', g=g),
+                   ((0, 0), (0, 0), (1, 1), (1, 1)))
   ys = jnp.clip(y0.astype(jnp.int32) + 1, 0, th + 1 - h)  # window start in the padded table
   xs = jnp.clip(x0.astype(jnp.int32) + 1, 0, tw + 1 - w)
   window = lambda t, y, x: lax.dynamic_slice(t, (0, y, x), (hpg, h + 1, w + 1))
@@ -219,4 +210,4 @@ def _rpe_bias_window(table, pos, h, w):
   win = jax.vmap(jax.vmap(per_point, (0, 0, 0)), (None, 0, 0))(padded, ys, xs)  # (N,G,Ns,hpg,H+1,W+1)
   bias = ((1.0 - fy) * ((1.0 - fx) * win[..., :h, :w] + fx * win[..., :h, 1:])
           + fy * ((1.0 - fx) * win[..., 1:, :w] + fx * win[..., 1:, 1:]))  # (N, G, Ns, hpg, H, W)
-  return bias.transpose(0, 1, 3, 4, 5, 2).reshape(n, heads, h * w, ns)
+  return rearrange(bias, 'n g s m h w -> n (g m) (h w) s')

@@ -7,129 +7,39 @@ stream 'dropout').
 
 from __future__ import annotations
 
-import dataclasses
-from typing import Any, Union
+from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
+from debiformer_jax.models.architecture import Architecture, get_architecture
 from debiformer_jax.models.attention import BRA, DBRA
-from debiformer_jax.models.config import DeBiFormerConfig, get_config
+from debiformer_jax.models.implementation import REMAT_POLICIES, Implementation
 from debiformer_jax.models.layers import (Conv, ConvMLP, Dense, DepthwiseConv, DropPath,
                                           batch_norm, gelu, layer_norm)
 
 Dtype = Any
 
 
-_DENSE = jax.checkpoint_policies.save_only_these_names('dense')  # Dense outputs (custom VJP)
-REMAT_POLICIES = {
-    # Keep the outputs of matmuls without batch dimensions (every Dense / 1x1 conv, the
-    # convs) and recompute the rest (norms, GELU, depthwise convs, attention logits/softmax).
-    'dots_no_batch': jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _DENSE),
-    # Keep every matmul output, the attention logits included.
-    'dots': jax.checkpoint_policies.save_from_both_policies(
-        jax.checkpoint_policies.checkpoint_dots, _DENSE),
-    # Keep nothing: recompute the whole block.
-    'nothing': jax.checkpoint_policies.nothing_saveable,
-}
-
-
-@dataclasses.dataclass(frozen=True)
-class Implementation:
-  """How the model is computed; every choice gives the same numbers (tested).
-
-  dwconv: 'shifted' (sum of shifted multiplies) or 'grouped' (XLA feature-grouped conv).
-  sampling: 'gather' (corner gathers) or 'matmul' (separable interpolation matrices), for
-    the deformable features and the relative-position bias.
-  region_gather: 'take' (indexing) or 'onehot' (one-hot matmul): how routed key regions are
-    gathered where they are gathered.
-  dense_routing: routed attention whose dense form has at most this many logits per image and
-    head is computed densely with the top-k regions as a mask (no gather at all); 0 = never.
-    (At 224: DBRA's routed attention has 49 deformable queries, i.e. 154k logits at stage 0,
-    38k at stage 1; BRA has 615k at stage 1 and 38k at stage 2.)
-  remat: recompute each block in the backward pass (saves activation memory), keeping what
-    `remat_policy` (a key of REMAT_POLICIES) says.
-  'auto' (the default) picks per backend, see `for_backend`; `resolve` fills them in.
-  """
-  dwconv: str = 'auto'
-  sampling: str = 'auto'
-  region_gather: str = 'auto'
-  dense_routing: Union[int, str] = 'auto'
-  remat: bool = False
-  remat_policy: str = 'dots_no_batch'
-
-  @classmethod
-  def for_backend(cls, backend: str | None = None) -> 'Implementation':
-    """The measured (CPU) or reasoned (TPU, GPU) best choice for a backend; see BACKEND_DEFAULTS.
-
-    The same in training and inference: no measurement favoured another choice in either.
-    """
-    backend = backend or jax.default_backend()
-    return cls(**BACKEND_DEFAULTS.get(backend, BACKEND_DEFAULTS['cpu']))
-
-  def resolve(self, backend: str | None = None) -> 'Implementation':
-    """This implementation with every 'auto' replaced by the backend's default; checked."""
-    best = Implementation.for_backend(backend)
-    fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    fields = {k: getattr(best, k) if v == 'auto' else v for k, v in fields.items()}
-    out = Implementation(**fields)
-    for name, ok in (('dwconv', ('shifted', 'grouped')), ('sampling', ('gather', 'matmul')),
-                     ('region_gather', ('take', 'onehot')), ('remat_policy', tuple(REMAT_POLICIES))):
-      if getattr(out, name) not in ok:
-        raise ValueError(f'Implementation.{name}={getattr(out, name)!r}; choose one of {ok} or '
-                         f"'auto'.")
-    if not isinstance(out.dense_routing, int) or out.dense_routing < 0:
-      raise ValueError(f'Implementation.dense_routing={out.dense_routing!r} must be an int >= 0 '
-                       f"or 'auto'.")
-    return out
-
-
-# Per backend. CPU numbers: DeBiFormer-T, batch 8, 224, float32, 2-core AMD EPYC
-# (Zen 4) with XLA:CPU, medians measured side by side in one process (docs/performance.md).
-#  - dwconv 'shifted': XLA:CPU runs feature-grouped convs as slow generic loops (stage-0 MLP
-#    3x3 dwconv on 8x56x56x192: grouped 125 ms fwd / 430 ms fwd+bwd, shifted 6 ms / 20 ms
-#    with its custom VJP). TPU and GPU have native depthwise convolutions: 'grouped'.
-#  - sampling: on CPU the gathers are cheap forward (stage-0 rpe bias 12 ms vs 66 ms for the
-#    separable matmuls), and with the rpe bias read as one table window per point their
-#    backward (a window scatter-add) no longer loses: whole train step 1.99 s 'gather' vs
-#    2.23 s 'matmul'. 'gather' in both modes. TPUs run gathers and scatters poorly and matmuls
-#    well; GPUs would serialise the scatter-add on atomics into a 111x111 table: 'matmul'
-#    there (not measured: no accelerator was lent to this project).
-#  - dense_routing: dense masked routing removes the gather of duplicated key regions and
-#    its transposes; on CPU it wins wherever the dense logits are few (DBRA everywhere, BRA at
-#    stage 2): limit 2**18 (train step 1.99 s; never dense 2.67 s; 2**20 2.08 s). On TPU the
-#    MXU makes the extra dense work cheap and gathers are expensive: 2**20 also takes stage-1
-#    BRA; stage-0 BRA (9.8M logits) keeps a one-hot gather.
-#  - region_gather: 'take' on CPU/GPU (a real gather is cheap there: train step 1.99 s vs
-#    2.04 s one-hot); 'onehot' on TPU.
-_CPU = dict(dwconv='shifted', sampling='gather', region_gather='take', dense_routing=2 ** 18)
-_TPU = dict(dwconv='grouped', sampling='matmul', region_gather='onehot', dense_routing=2 ** 20)
-_GPU = dict(dwconv='grouped', sampling='matmul', region_gather='take', dense_routing=2 ** 18)
-BACKEND_DEFAULTS = {'cpu': _CPU, 'tpu': _TPU, 'gpu': _GPU, 'cuda': _GPU, 'rocm': _GPU}
-
-
 class Block(nn.Module):
   """x += dw(x); x += attn1(LN1 x); x += mlp1(LN2 x); x += dw'(x); x += attn2(LN3 x); x += mlp2(LN4 x)."""
-  config: DeBiFormerConfig
+  config: Architecture
   stage: int
   drop_path: float
-  impl: Implementation
+  impl: Implementation  # Resolved (no 'auto').
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x, train: bool = False):
-    cfg, s, impl = self.config, self.stage, self.impl.resolve()
+    cfg, s, impl = self.config, self.stage, self.impl
     common = dict(num_heads=cfg.num_heads[s], n_win=cfg.n_win, side_dwconv=cfg.side_dwconv,
-                  dwconv_impl=impl.dwconv, gather_impl=impl.region_gather,
-                  dense_routing=impl.dense_routing, dtype=self.dtype)
+                  impl=impl, dtype=self.dtype)
 
     def dbra(topk, name):
       return DBRA(topk=cfg.stage_topk(topk), groups=cfg.offset_groups[s],
                   offset_kernel=cfg.offset_kernels[s], stride=cfg.offset_strides[s],
-                  mlp_ratio=cfg.dbra_mlp_ratios[s], rpe_size=cfg.rpe_sizes[s],
-                  sample_impl=impl.sampling, name=name, **common)
+                  mlp_ratio=cfg.dbra_mlp_ratios[s], rpe_size=cfg.rpe_sizes[s], name=name,
+                  **common)
 
     if cfg.attn1_deformable[s]:
       attn1 = dbra(cfg.topk1[s], 'attn1')
@@ -139,7 +49,7 @@ class Block(nn.Module):
     drop = DropPath(self.drop_path)
 
     def dwconv(name):
-      return DepthwiseConv(cfg.pos_dwconv, impl=impl.dwconv, dtype=self.dtype, name=name)
+      return DepthwiseConv(cfg.pos_dwconv, dwconv=impl.dwconv, dtype=self.dtype, name=name)
 
     def mlp(name):
       return ConvMLP(cfg.mlp_ratios[s], impl.dwconv, self.dtype, name=name)
@@ -163,7 +73,7 @@ class DeBiFormer(nn.Module):
   `downsample{s}_conv`, `downsample{s}_bn` for s >= 1, `stage{s}_block{b}` (Block), `norm`
   (BatchNorm), `head` (Dense).
   """
-  config: DeBiFormerConfig
+  config: Architecture
   impl: Implementation = Implementation()
   dtype: Dtype = jnp.float32
 
@@ -209,7 +119,7 @@ def create_model(name: str, *, dtype: Dtype = jnp.float32,
                  impl: Implementation | None = None, **overrides) -> DeBiFormer:
   """The named DeBiFormer (`debiformer_tiny|small|base` or the official `debi_*`).
 
-  `overrides` replace DeBiFormerConfig fields (widths, depths, n_win, num_classes, ...);
+  `overrides` replace Architecture fields (widths, depths, n_win, num_classes, ...);
   `dtype` is the compute dtype (parameters stay float32).
   """
-  return DeBiFormer(get_config(name, **overrides), impl or Implementation(), dtype)
+  return DeBiFormer(get_architecture(name, **overrides), impl or Implementation(), dtype)

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 from typing import Dict
 
-from debiformer_jax.models.config import DeBiFormerConfig
+from debiformer_jax.models.architecture import Architecture
 
 
-def forward_macs(cfg: DeBiFormerConfig, height: int = 224, width: int | None = None) -> Dict[str, int]:
+def forward_macs(cfg: Architecture, height: int = 224, width: int | None = None) -> Dict[str, int]:
   """MACs per image by kind: 'conv' (stem, downsampling), 'depthwise', 'linear' (linears and
   1x1 convs), 'attention' (q·k and a·v), 'routing' (region logits); 'total' sums them."""
   width = height if width is None else width
@@ -67,7 +67,7 @@ def forward_macs(cfg: DeBiFormerConfig, height: int = 224, width: int | None = N
   return out
 
 
-def train_flops(cfg: DeBiFormerConfig, height: int = 224, width: int | None = None) -> int:
+def train_flops(cfg: Architecture, height: int = 224, width: int | None = None) -> int:
   """FLOPs per image of a training step: forward + backward = 3x the forward's 2*MACs (the
   backward computes input and weight gradients of every matmul/conv)."""
   return 3 * 2 * forward_macs(cfg, height, width)['total']

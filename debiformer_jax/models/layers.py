@@ -110,7 +110,7 @@ class Conv(nn.Module):
 class DepthwiseConv(nn.Module):
   """Depthwise k×k conv, padding k//2, optional stride; kernel (k, k, C), bias (C,).
 
-  `impl` picks the formulation, numerically the same:
+  `dwconv` picks the formulation (`Implementation.dwconv`), numerically the same:
     'grouped': XLA convolution with feature_group_count=C;
     'shifted': a sum of k*k shifted multiplies (elementwise only; fast where grouped
                convolutions are slow, e.g. XLA:CPU).
@@ -118,7 +118,7 @@ class DepthwiseConv(nn.Module):
   kernel_size: int
   stride: int = 1
   use_bias: bool = True
-  impl: str = 'shifted'
+  dwconv: str = 'shifted'
   dtype: Dtype = jnp.float32
 
   @nn.compact
@@ -126,14 +126,14 @@ class DepthwiseConv(nn.Module):
     k, s, c = self.kernel_size, self.stride, x.shape[-1]
     kernel = self.param('kernel', _depthwise_init, (k, k, c))
     x, kernel = x.astype(self.dtype), kernel.astype(self.dtype)
-    if self.impl == 'grouped':
+    if self.dwconv == 'grouped':
       y = lax.conv_general_dilated(
           x, kernel[:, :, None, :], window_strides=(s, s), padding=((k // 2, k // 2),) * 2,
           dimension_numbers=('NHWC', 'HWIO', 'NHWC'), feature_group_count=c)
-    elif self.impl == 'shifted':
+    elif self.dwconv == 'shifted':
       y = _depthwise_shifted(x, kernel, s)
     else:
-      raise ValueError(f"DepthwiseConv.impl must be 'grouped' or 'shifted', got {self.impl!r}")
+      raise ValueError(f"DepthwiseConv.dwconv must be 'grouped' or 'shifted', got {self.dwconv!r}")
     if self.use_bias:
       y = y + self.param('bias', torch_bias_init(k * k), (c,)).astype(self.dtype)
     return y
@@ -229,14 +229,14 @@ def batch_norm(train: bool, dtype: Dtype, name: str) -> nn.BatchNorm:
 class ConvMLP(nn.Module):
   """1x1 conv (C→eC) → h + dw3x3(h) → GELU → 1x1 conv (eC→C), as the official MLP."""
   ratio: int
-  dwconv_impl: str = 'shifted'
+  dwconv: str = 'shifted'
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
     c = x.shape[-1]
     h = Dense(c * self.ratio, dtype=self.dtype, name='fc1')(x)
-    h = h + DepthwiseConv(3, impl=self.dwconv_impl, dtype=self.dtype, name='dwconv')(h)
+    h = h + DepthwiseConv(3, dwconv=self.dwconv, dtype=self.dtype, name='dwconv')(h)
     return Dense(c, dtype=self.dtype, name='fc2')(gelu(h))
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from einops import rearrange, reduce
 from jax import lax
 
 
@@ -30,11 +31,9 @@ def multihead_attention(q, k, v, heads: int, scale: float, bias=None):
   q: (..., Lq, C); k, v: (..., Lk, C) with the same leading axes as q;
   bias: optional (..., m, Lq, Lk). Logits and softmax in float32. Returns (..., Lq, C).
   """
-  c = q.shape[-1]
-  to_heads = lambda a: jnp.moveaxis(a.reshape(a.shape[:-1] + (heads, c // heads)), -2, -3)
+  to_heads = lambda a: rearrange(a, '... t (m c) -> ... m t c', m=heads)
   out = attend(to_heads(q * scale), to_heads(k), to_heads(v), bias=bias)  # (..., m, Lq, c/m)
-  out = jnp.moveaxis(out, -3, -2)
-  return out.reshape(out.shape[:-2] + (c,))
+  return rearrange(out, '... m t c -> ... t (m c)')
 
 
 def attend(q, k, v, bias=None, mask=None):
@@ -56,57 +55,52 @@ def attend(q, k, v, bias=None, mask=None):
 
 def region_means(x, p: int):
   """(N, H, W, C) -> (N, p*p, C): the mean of every region (routing descriptors)."""
-  n, h, w, c = x.shape
-  return x.reshape(n, p, h // p, p, w // p, c).mean((2, 4)).reshape(n, p * p, c)
+  return reduce(x, 'n (j h) (i w) c -> n (j i) c', 'mean', j=p, i=p)
 
 
 def to_head_regions(x, p: int, heads: int):
   """(N, H, W, m*c) -> (N, m, p*p, T, c): heads first, then regions, then tokens."""
-  n, h, w, c = x.shape
-  x = x.reshape(n, p, h // p, p, w // p, heads, c // heads).transpose(0, 5, 1, 3, 2, 4, 6)
-  return x.reshape(n, heads, p * p, (h // p) * (w // p), c // heads)
+  return rearrange(x, 'n (j h) (i w) (m c) -> n m (j i) (h w) c', j=p, i=p, m=heads)
 
 
 def from_head_regions(x, p: int, h: int, w: int):
   """(N, m, p*p, T, c) -> (N, H, W, m*c); the inverse of `to_head_regions`."""
-  n, m, _, _, c = x.shape
-  x = x.reshape(n, m, p, p, h // p, w // p, c).transpose(0, 2, 4, 3, 5, 1, 6)
-  return x.reshape(n, h, w, m * c)
+  return rearrange(x, 'n m (j i) (h w) c -> n (j h) (i w) (m c)', j=p, i=p, h=h // p, w=w // p)
 
 
-def gather_regions(kv, idx, impl: str = 'take'):
+def gather_regions(kv, idx, region_gather: str = 'take'):
   """Selects, for each query region, the tokens of its routed key regions.
 
   kv: (2, N, m, R, T, c) keys and values per head and region; idx: (N, R, k) routed region
-  indices. Returns (2, N, m, R, k*T, c).
+  indices. Returns (2, N, m, R, k*T, c). `region_gather` (`Implementation.region_gather`):
     'take':   integer indexing (a gather);
     'onehot': a one-hot (R×k, R) matrix times the region axis (a matmul; suits the MXU).
   """
-  _, n, m, r, t, c = kv.shape
-  k = idx.shape[-1]
-  if impl == 'take':
+  r = kv.shape[3]
+  if region_gather == 'take':
     out = jax.vmap(lambda kv_n, idx_n: kv_n[:, :, idx_n], in_axes=(1, 0), out_axes=1)(kv, idx)
-  elif impl == 'onehot':
+  elif region_gather == 'onehot':
     sel = jax.nn.one_hot(idx, r, dtype=kv.dtype)  # (N, R, k, R)
     out = jnp.einsum('nqks,xnmstc->xnmqktc', sel, kv)
   else:
-    raise ValueError(f"unknown region gather implementation {impl!r}; choose 'take' or 'onehot'.")
-  return out.reshape(2, n, m, r, k * t, c)
+    raise ValueError(f"unknown region_gather {region_gather!r}; choose 'take' or 'onehot'.")
+  return rearrange(out, 'x n m r k t c -> x n m r (k t) c')
 
 
-def routing_is_dense(p: int, tq: int, t: int, topk: int, dense_limit: int) -> bool:
+def routing_is_dense(p: int, tq: int, t: int, topk: int, dense_routing: int) -> bool:
   """Whether routed attention is computed densely with a top-k mask instead of a gather.
 
   Dense means every query of a region scores every key of the map: (p²·Tq)·(p²·T) logits per
   image and head. That is cheaper than gathering copies of the routed key regions when it is
-  small (few queries, as DBRA's one deformable query per region, or small maps).
+  small (few queries, as DBRA's one deformable query per region, or small maps): at most
+  `dense_routing` logits (`Implementation.dense_routing`).
   """
   r = p * p
-  return topk < r and (r * tq) * (r * t) <= dense_limit
+  return topk < r and (r * tq) * (r * t) <= dense_routing
 
 
 def bilevel_attention(q, k, v, *, n_win: int, heads: int, topk: int, scale: float,
-                      gather_impl: str = 'take', dense_limit: int = 0):
+                      region_gather: str = 'take', dense_routing: int = 0):
   """Bi-level routing attention: each query region attends to the tokens of its `topk` routed
   key regions (region means of q and k, `route`).
 
@@ -114,26 +108,26 @@ def bilevel_attention(q, k, v, *, n_win: int, heads: int, topk: int, scale: floa
   Returns (N, Hq, Wq, C). Three formulations, the same numbers:
     topk == regions: plain attention over every token (no routing);
     dense (`routing_is_dense`): all logits, non-routed regions masked out of the softmax;
-    otherwise the routed regions' keys and values are gathered (`gather_impl`).
+    otherwise the routed regions' keys and values are gathered (`region_gather`).
   Heads lead the region axes so every matmul is a plain batched one.
   """
   p, r = n_win, n_win * n_win
-  n, hq, wq, c = q.shape
-  _, h, w, _ = k.shape
+  n, hq, wq, _ = q.shape
   qh = to_head_regions(q * scale, p, heads)  # (N, m, R, Tq, c)
   kh, vh = to_head_regions(k, p, heads), to_head_regions(v, p, heads)  # (N, m, R, T, c)
   tq, t = qh.shape[3], kh.shape[3]
-  flat = lambda a: a.reshape(a.shape[0], a.shape[1], -1, a.shape[-1])  # (N, m, R*T, c)
+  flat = lambda a: rearrange(a, 'n m r t c -> n m (r t) c')
+  unflat = lambda a: rearrange(a, 'n m (r t) c -> n m r t c', r=r)
   if topk >= r:
-    out = attend(flat(qh), flat(kh), flat(vh)).reshape(qh.shape)
+    out = unflat(attend(flat(qh), flat(kh), flat(vh)))
   else:
     idx = route(region_means(q, p), region_means(k, p), topk, scale)  # (N, R, k)
-    if routing_is_dense(p, tq, t, topk, dense_limit):
+    if routing_is_dense(p, tq, t, topk, dense_routing):
       routed = jnp.any(idx[..., None] == jnp.arange(r), axis=-2)  # (N, R, R) query->key regions
       mask = jnp.broadcast_to(routed[:, None, :, None, :, None], (n, 1, r, tq, r, t))
-      mask = mask.reshape(n, 1, r * tq, r * t)
-      out = attend(flat(qh), flat(kh), flat(vh), mask=mask).reshape(qh.shape)
+      mask = rearrange(mask, 'n m r q s t -> n m (r q) (s t)')
+      out = unflat(attend(flat(qh), flat(kh), flat(vh), mask=mask))
     else:
-      kv = gather_regions(jnp.stack([kh, vh]), idx, gather_impl)
+      kv = gather_regions(jnp.stack([kh, vh]), idx, region_gather)
       out = attend(qh, kv[0], kv[1])
   return from_head_regions(out, p, hq, wq)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from debiformer_jax.models.config import DeBiFormerConfig
+from debiformer_jax.models.architecture import Architecture
 
 __all__ = ['DeBiFormerTorch', 'build_torch_model', 'min_routing_margin', 'clear_routing_input',
            'randomize_']
@@ -296,7 +296,7 @@ class Block(nn.Module):
   x += pos_embed2(x); x += attn2(norm3(x)); x += mlp2(norm4(x)); every branch under DropPath.
   """
 
-  def __init__(self, cfg: DeBiFormerConfig, stage: int, drop_path: float):
+  def __init__(self, cfg: Architecture, stage: int, drop_path: float):
     super().__init__()
     dim, heads = cfg.widths[stage], cfg.num_heads[stage]
     k = cfg.pos_dwconv
@@ -340,7 +340,7 @@ class DeBiFormerTorch(nn.Module):
   """DeBiFormer classifier: conv stem and downsamplings, four stages of Blocks, BatchNorm,
   global average pool, Linear head. Input (N, in_chans, H, W) float32; output (N, classes)."""
 
-  def __init__(self, cfg: DeBiFormerConfig):
+  def __init__(self, cfg: Architecture):
     super().__init__()
     cfg.validate()
     self.cfg = cfg
@@ -385,7 +385,7 @@ class DeBiFormerTorch(nn.Module):
     return self.head(features.mean(dim=(2, 3)))
 
 
-def build_torch_model(cfg: DeBiFormerConfig) -> DeBiFormerTorch:
+def build_torch_model(cfg: Architecture) -> DeBiFormerTorch:
   """A PyTorch DeBiFormer for `cfg` with PyTorch default initialisation, in train mode."""
   return DeBiFormerTorch(cfg)
 

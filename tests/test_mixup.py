@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from debiformer_jax.data.mixup import cutmix_box, mixup_cutmix, smooth_one_hot
+from debiformer_jax.mixup import cutmix_box, mixup_cutmix, smooth_one_hot
 
 B, H, W, C, K = 6, 16, 12, 3, 10
 

@@ -1,7 +1,7 @@
-"""DeBiFormer architecture description and the official presets.
+"""The DeBiFormer architecture (`Architecture`) and the official presets.
 
-Everything the official PyTorch code hard-codes is a field here. A config is a frozen
-dataclass; `dataclasses.replace(cfg, field=value)` makes a variant, and `validate()` says
+Everything the official PyTorch code hard-codes is a field here. An architecture is a frozen
+dataclass; `dataclasses.replace(arch, field=value)` makes a variant, and `validate()` says
 what is wrong with one in words a user can act on.
 
 Per-stage attention: each block holds two attentions. `attn1` is BRA or DBRA (per stage,
@@ -21,7 +21,7 @@ IntTuple = Tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
-class DeBiFormerConfig:
+class Architecture:
   """Architecture of one DeBiFormer. All tuples have one entry per stage."""
 
   depths: IntTuple = (1, 1, 4, 1)
@@ -62,19 +62,19 @@ class DeBiFormerConfig:
       return (0.0,)
     return tuple(self.drop_path_rate * i / (n - 1) for i in range(n))
 
-  def validate(self) -> "DeBiFormerConfig":
+  def validate(self) -> "Architecture":
     """Raises ValueError naming the offending field; returns self when fine."""
     n = self.num_stages
     per_stage = ('widths', 'mlp_ratios', 'attn1_deformable', 'topk1', 'topk2', 'offset_groups',
                  'offset_kernels', 'offset_strides', 'dbra_mlp_ratios', 'rpe_sizes')
     for f in per_stage:
       if len(getattr(self, f)) != n:
-        raise ValueError(f'DeBiFormerConfig.{f} has {len(getattr(self, f))} entries but depths '
+        raise ValueError(f'Architecture.{f} has {len(getattr(self, f))} entries but depths '
                          f'has {n}: give one entry per stage.')
     if any(d < 1 for d in self.depths):
-      raise ValueError(f'DeBiFormerConfig.depths={self.depths}: every stage needs at least one block.')
+      raise ValueError(f'Architecture.depths={self.depths}: every stage needs at least one block.')
     if self.n_win < 1:
-      raise ValueError(f'DeBiFormerConfig.n_win={self.n_win} must be >= 1.')
+      raise ValueError(f'Architecture.n_win={self.n_win} must be >= 1.')
     for s in range(n):
       w, g = self.widths[s], self.offset_groups[s]
       if w % self.head_dim:
@@ -143,10 +143,10 @@ class DeBiFormerConfig:
           f'with this model include {ok}; resize or crop the input to one of them.')
 
 
-TINY = DeBiFormerConfig()
-SMALL = DeBiFormerConfig(depths=(2, 2, 9, 3), mlp_ratios=(3, 3, 3, 2),
+TINY = Architecture()
+SMALL = Architecture(depths=(2, 2, 9, 3), mlp_ratios=(3, 3, 3, 2),
                          dbra_mlp_ratios=(3, 3, 3, 1), drop_path_rate=0.3)
-BASE = DeBiFormerConfig(depths=(2, 2, 9, 2), widths=(96, 192, 384, 768),
+BASE = Architecture(depths=(2, 2, 9, 2), widths=(96, 192, 384, 768),
                         offset_groups=(1, 2, 3, 6), drop_path_rate=0.4)
 
 PRESETS = {
@@ -159,16 +159,16 @@ ALIASES = {'debi_tiny': 'debiformer_tiny', 'debi_small': 'debiformer_small',
            'debi_base': 'debiformer_base'}
 
 
-def get_config(name: str, **overrides) -> DeBiFormerConfig:
+def get_architecture(name: str, **overrides) -> Architecture:
   """The preset called `name` (ours or the official alias) with fields replaced by `overrides`."""
   canonical = ALIASES.get(name, name)
   if canonical not in PRESETS:
     known = sorted(PRESETS) + sorted(ALIASES)
     raise ValueError(f'unknown model name {name!r}; known models: {", ".join(known)}.')
-  fields = {f.name for f in dataclasses.fields(DeBiFormerConfig)}
+  fields = {f.name for f in dataclasses.fields(Architecture)}
   unknown = sorted(set(overrides) - fields)
   if unknown:
-    raise ValueError(f'unknown model field(s) {unknown}; DeBiFormerConfig fields are: '
+    raise ValueError(f'unknown model field(s) {unknown}; Architecture fields are: '
                      f'{", ".join(sorted(fields))}.')
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
   return dataclasses.replace(PRESETS[canonical], **overrides).validate()
