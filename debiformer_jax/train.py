@@ -31,7 +31,7 @@ import optax
 from absl import logging
 from clu import metric_writers
 
-from debiformer_jax import checkpointing, distributed, sharding
+from debiformer_jax import checkpointing, distributed, preemption, sharding
 from debiformer_jax.models import create_model, get_config
 
 MODES = ('train', 'eval')
@@ -463,7 +463,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   # The watcher turns SIGTERM/SIGUSR1 into a stop at a step all processes agree on; it must be
   # asked on every process at every step (with several processes it is a collective).
-  with distributed.PreemptionWatcher() as watcher:
+  with preemption.PreemptionWatcher() as watcher:
     for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
       batch = sharding.host_to_global(next(train_iter), mesh)
       state, metrics = compiled_train_step(state, batch)
