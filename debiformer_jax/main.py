@@ -13,7 +13,7 @@ or ./workdir.
 
 Several processes (multi-host) join one job through jax.distributed: on Cloud TPU and in a SLURM
 step this happens by itself; elsewhere give every process the same --coordinator_address and
---num_processes and its own --process_id (or the DEBIFORMER_* environment variables), e.g.
+--num_processes and its own --process_id, e.g.
 
   python -m debiformer_jax.main --config=... --workdir=SHARED_DIR \
       --coordinator_address=HOST0:1234 --num_processes=2 --process_id=0   # and 1 on host 1
@@ -37,8 +37,12 @@ _CONFIG = config_flags.DEFINE_config_file('config', None, 'Training config file 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Directory for checkpoints and TensorBoard '
                                'events (default: config.workdir, else ./workdir).')
+_COORDINATOR_ADDRESS = flags.DEFINE_string(
+    'coordinator_address', None, 'host:port of process 0, to join a multi-process job by hand '
+    '(not needed on Cloud TPU or in a SLURM step, where JAX finds the job).')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Number of processes of that job.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Index of this process in that job.')
 flags.mark_flags_as_required(['config'])
-distributed.define_flags()
 
 DEFAULT_WORKDIR = 'workdir'
 
@@ -55,7 +59,7 @@ def main(argv):
     raise app.UsageError(f'unexpected arguments: {argv[1:]}')
   logging.get_absl_handler().addFilter(_QuietOrbax())
   # Join the multi-process job (if any) before anything asks JAX about devices or processes.
-  distributed.initialize_from_flags(flags.FLAGS)
+  distributed.initialize(_COORDINATOR_ADDRESS.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
   import jax
   from debiformer_jax import config as config_lib
   from debiformer_jax import train

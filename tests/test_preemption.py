@@ -1,9 +1,10 @@
-"""SIGTERM in the middle of training, through the command line (one process).
+"""Preemption in one process: the watcher itself, then SIGTERM in the middle of training.
 
 A run of the demo model on a generated ImageFolder, with periodic eval and checkpoints far
 apart, gets SIGTERM once it has logged a few steps. It must save a checkpoint of the step it
 reached, say so, and exit with status 0. Relaunched with the same workdir, it resumes from that
 step and finishes: TensorBoard then holds a train loss for every step exactly once.
+(Two processes: tests/test_distributed.py.)
 """
 
 import contextlib
@@ -16,13 +17,47 @@ import time
 
 import pytest
 
-from debiformer_jax import checkpointing
+from debiformer_jax import checkpointing, preemption
 from tests import _train_testlib as lib
 
 lib.use_compilation_cache()
 
 TOTAL_STEPS = 40
 TIMEOUT = 180.0
+
+
+@contextlib.contextmanager
+def _recording_handlers():
+  """SIGTERM and SIGUSR1 handlers that record what reaches them; the old ones back afterwards."""
+  seen = []
+  previous = {s: signal.signal(s, lambda signum, frame: seen.append(signum))
+              for s in (signal.SIGTERM, signal.SIGUSR1)}
+  try:
+    yield seen
+  finally:
+    for signum, handler in previous.items():
+      signal.signal(signum, handler)
+
+
+@pytest.mark.parametrize('signum', [signal.SIGTERM, signal.SIGUSR1])
+def test_watcher_stops_after_a_signal_and_stays_stopped(signum):
+  with _recording_handlers() as seen:
+    with preemption.PreemptionWatcher() as watcher:
+      assert not watcher.should_stop(1)
+      os.kill(os.getpid(), signum)  # Its Python handler runs before the next line.
+      assert watcher.should_stop(2)
+      assert watcher.should_stop(3)
+    assert seen == []  # The watcher's handler took it, not the one before.
+
+
+def test_watcher_restores_the_previous_handlers():
+  with _recording_handlers() as seen:
+    with pytest.raises(RuntimeError):
+      with preemption.PreemptionWatcher():
+        raise RuntimeError('the loop failed')
+    os.kill(os.getpid(), signal.SIGTERM)
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert seen == [signal.SIGTERM, signal.SIGUSR1]
 
 
 def _command(workdir: str, folder: str) -> list[str]:
@@ -74,7 +109,7 @@ def test_sigterm_saves_the_current_step_and_the_relaunch_resumes(tmp_path):
   first_log, second_log = str(tmp_path / 'first.log'), str(tmp_path / 'second.log')
 
   with _launched(workdir, folder, first_log) as proc:
-    log = _wait(proc, first_log, until=lambda log: re.search(rf'step 2/{TOTAL_STEPS} ', log))
+    log = _wait(proc, first_log, until=lambda log: re.search(rf'\(2/{TOTAL_STEPS}\)', log))
     assert proc.poll() is None, f'exited early (rc={proc.returncode})\n{log[-4000:]}'
     proc.send_signal(signal.SIGTERM)
     log = _wait(proc, first_log)
@@ -94,7 +129,7 @@ def test_sigterm_saves_the_current_step_and_the_relaunch_resumes(tmp_path):
     proc.wait(timeout=30)
   assert proc.returncode == 0, log[-4000:]
   assert re.search(rf'Resumed from {re.escape(ckpt_dir)} at step {stopped_at}\.', log), log[-4000:]
-  assert re.search(rf'step {TOTAL_STEPS}/{TOTAL_STEPS} ', log), log[-4000:]
+  assert re.search(rf'\({TOTAL_STEPS}/{TOTAL_STEPS}\)', log), log[-4000:]
   assert 'Preempted' not in log
   assert checkpointing.make_manager(ckpt_dir, read_only=True).latest_step() == TOTAL_STEPS
 
