@@ -81,6 +81,20 @@ def test_resume_after_interruption_is_bit_exact(imagenet_runs):
   assert not os.path.exists(r['partial'])  # Cleaned up; never taken for a checkpoint.
 
 
+def test_remat_from_the_config_trains_the_same_steps(imagenet_runs, tmp_path):
+  """--config.impl.remat=True recomputes every block in the backward pass: the same training."""
+  r = imagenet_runs
+  config = r['config'].copy_and_resolve_references()
+  config.impl.remat = True
+  assert train.build_model(config_lib.finalize(config, str(tmp_path)), 1000).impl.remat
+  with tfds.testing.mock_data(num_examples=NUM_TRAIN, data_dir=config.data.data_dir,
+                              policy=tfds.testing.MockPolicy.USE_FILES):
+    run = train.train_and_evaluate(config, str(tmp_path), stop_at_step=2)
+  assert sorted(run['train_loss']) == [1, 2]
+  for step, loss in run['train_loss'].items():
+    assert loss == pytest.approx(r['a']['train_loss'][step], rel=1e-5)
+
+
 def test_eval_counts_every_example_once(imagenet_runs):
   evals = imagenet_runs['a']['eval']
   assert sorted(evals) == [STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH]

@@ -22,19 +22,24 @@ from debiformer_jax.models.sampling import bilinear_sample, get_sampler, interpo
 Dtype = Any
 
 
-class BRA(nn.Module):
+class RoutedAttention(nn.Module):
+  """What BRA and DBRA share: heads, an n_win x n_win region split, `topk` routed regions,
+  the LCE depthwise-conv size, the (resolved) Implementation and the compute dtype."""
+  num_heads: int
+  n_win: int
+  topk: int
+  side_dwconv: int
+  impl: Implementation
+  dtype: Dtype
+
+
+class BRA(RoutedAttention):
   """Bi-level routing attention on (N, H, W, C).
 
   One linear gives q, k, v; region means of q and k route each query region to its `topk`
   key regions; tokens attend to the gathered tokens; a depthwise conv of v (LCE) is added
   before the output linear.
   """
-  num_heads: int
-  n_win: int
-  topk: int
-  side_dwconv: int
-  impl: Implementation  # Resolved (no 'auto').
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
@@ -50,7 +55,7 @@ class BRA(nn.Module):
     return Dense(c, dtype=self.dtype, name='wo')(out + lepe)
 
 
-class DBRA(nn.Module):
+class DBRA(RoutedAttention):
   """Deformable bi-level routing attention on (N, H, W, C).
 
   Shapes: Hk = ceil(H / stride) × Wk deformable points, G offset groups, m heads.
@@ -66,17 +71,11 @@ class DBRA(nn.Module):
      relative-position bias sampled from `rpe_table` (per head, at (q_pos - pos) / 2 with the
      positions of the head's group), then proj_out.
   """
-  num_heads: int
-  n_win: int
-  topk: int
-  side_dwconv: int
-  impl: Implementation  # Resolved (no 'auto').
   groups: int
   offset_kernel: int
   stride: int
   mlp_ratio: int
   rpe_size: int
-  dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x):
