@@ -61,7 +61,7 @@ def test_fixture_state_dict_names_and_shapes_match():
 def test_fixture_stages_and_logits(reduced_model):
   x = torch.from_numpy(np.load(FIXTURE / 'input_nchw.npy'))
   with torch.no_grad():
-    stages = reduced_model.forward_stages(x)
+    stages = reduced_model.forward_features(x)
     logits = reduced_model(x)
   for i, stage in enumerate(stages):
     _close(stage.numpy(), np.load(FIXTURE / f'stage{i}_nchw.npy'))
@@ -94,7 +94,7 @@ def test_other_input_sizes():
     model(torch.randn(1, 4, 224, 224))
   mini = randomize_(build_torch_model(MINI), seed=0).eval()
   with torch.no_grad():
-    stages = mini.forward_stages(torch.randn(1, 3, 224, 448))
+    stages = mini.forward_features(torch.randn(1, 3, 224, 448))
   assert [tuple(s.shape[2:]) for s in stages] == [(56, 112), (28, 56), (14, 28), (7, 14)]
 
 
