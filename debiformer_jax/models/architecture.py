@@ -173,17 +173,17 @@ class Architecture:
     if not problems:
       return
     ok = self.valid_input_sizes()
-    fix = (f'resize or crop the input to one of them, or set auto_pad=True '
-           f'(--config.model.auto_pad=True) to pad every attention\'s input as the official '
-           f'code does, so that any size works')
+    fix = (f'Square sizes that work with this model include {", ".join(map(str, ok))}; resize '
+           f'or crop the input to one of them, or set auto_pad=True (--config.model.auto_pad='
+           f'True) to pad every attention\'s input as the official code does, so that any size '
+           f'works.')
     if height < ok[0] or width < ok[0]:
       raise ValueError(f'input {height}x{width} is smaller than this model takes without '
-                       f'padding (at least {ok[0]}x{ok[0]}: its stage maps must split into '
-                       f'{self.n_win}x{self.n_win} regions); {fix}.')
+                       f'padding: its stage maps must split into {self.n_win}x{self.n_win} '
+                       f'regions, which needs at least {ok[0]}x{ok[0]}. {fix}')
     raise ValueError(
         f'input {height}x{width} does not split into {self.n_win}x{self.n_win} regions: '
-        f'{", ".join(problems)} not divisible by n_win={self.n_win}. Square sizes that work '
-        f'with this model include {", ".join(map(str, ok))}; {fix}.')
+        f'{", ".join(problems)} not divisible by n_win={self.n_win}. {fix}')
 
 
 TINY = Architecture()
@@ -241,3 +241,13 @@ def parse_override(text: str) -> Tuple[str, Any]:
   except (ValueError, SyntaxError):
     raise argparse.ArgumentTypeError(f'{text!r}: {value!r} is not a Python literal '
                                      f'(e.g. depths=(1,1,1,1) or num_classes=10)')
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+  """'512x683' -> (512, 683) and '512' -> (512, 512): an input height x width on a command
+  line (argparse `type=`)."""
+  parts = text.lower().split('x')
+  if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    raise argparse.ArgumentTypeError(f'{text!r} is not a size: give HEIGHTxWIDTH (e.g. 512x683) '
+                                     f'or one side (e.g. 512) in pixels')
+  return int(parts[0]), int(parts[-1])
