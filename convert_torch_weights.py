@@ -2,12 +2,19 @@
 
   python convert_torch_weights.py --model debiformer_small --checkpoint debi_small.pth \
       --output converted/debi_small --verify
+  python convert_torch_weights.py --model debi_small --features-only \
+      --checkpoint upernet_debi_small.pth --output converted/debi_small_backbone --verify
 
 Reads the checkpoint with torch.load(weights_only=True) (bare state dict or the official
 training format), maps every tensor through the explicit name map (an error names any
 missing, unused or mis-shaped tensor), optionally proves parity against our PyTorch reference
 of the official model, and writes an orbax checkpoint that
 `python -m debiformer_jax.main --config.init_from=DIR` loads for evaluation or fine-tuning.
+With --features-only it converts the dense backbone (`create_model(MODEL, features_only=True)`)
+from the official dense backbone's checkpoint, an mmsegmentation / mmdetection checkpoint
+(`backbone.*`; every other tensor is listed as ignored) or an ImageNet classifier (its head and
+final norm listed as unused, the per-stage LayerNorms it lacks listed as initialised), and
+--verify compares every stage map.
 """
 
 from __future__ import annotations
@@ -29,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--checkpoint', required=True, help='PyTorch .pth file')
   p.add_argument('--output', required=True, help='directory for the orbax checkpoint')
   p.add_argument('--ema', action='store_true', help="convert 'model_ema' instead of 'model'")
+  p.add_argument('--features-only', action='store_true',
+                 help='convert the dense backbone (official segmentation/detection settings: '
+                      'n_win 8, auto_pad, per-stage LayerNorms; override with --model-override); '
+                      '--verify then compares every stage map')
   p.add_argument('--verify', action='store_true',
                  help='run our PyTorch reference and the Flax model on the same input and fail '
                       'if the logits differ by more than 1e-4 x max(1, max |logit|)')
@@ -44,13 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
   from debiformer_jax import weights
-  from debiformer_jax.convert import convert_state_dict, read_torch_state_dict
+  from debiformer_jax.convert import (backbone_state_dict, convert_state_dict,
+                                      read_torch_state_dict)
   from debiformer_jax.models import get_architecture
 
   try:
-    cfg = get_architecture(args.model, **dict(args.model_override))
+    cfg = get_architecture(args.model, backbone=args.features_only, **dict(args.model_override))
     state_dict = read_torch_state_dict(args.checkpoint, ema=args.ema)
-    variables = convert_state_dict(state_dict, cfg)
+    if args.features_only:
+      backbone = backbone_state_dict(state_dict, cfg)
+      print(backbone.summary())
+      state_dict = backbone.state_dict
+    variables = convert_state_dict(state_dict, cfg, features_only=args.features_only)
   except (ValueError, FileNotFoundError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
@@ -60,16 +76,29 @@ def main(argv=None) -> int:
         f'{count(variables["params"]):,} parameters, '
         f'{count(variables["batch_stats"]):,} BatchNorm statistics')
 
-  extra = {'source_checkpoint': args.checkpoint, 'ema': args.ema}
+  extra = {'source_checkpoint': args.checkpoint, 'ema': args.ema,
+           'features_only': args.features_only}
+  if args.features_only:
+    extra.update(backbone_source=backbone.source, ignored=list(backbone.ignored),
+                 unused=list(backbone.unused), initialised=list(backbone.initialised))
   if args.verify:
-    from debiformer_jax.convert.verify import compare_logits, torch_model_from_state_dict
-    report = compare_logits(torch_model_from_state_dict(state_dict, cfg), variables, cfg,
-                            batch=args.verify_batch, image_size=args.verify_size, seed=args.seed)
+    from debiformer_jax.convert.verify import (compare_features, compare_logits,
+                                               torch_model_from_state_dict)
+    torch_model = torch_model_from_state_dict(state_dict, cfg, args.features_only)
+    if args.features_only:
+      report = compare_features(torch_model, variables, cfg, batch=args.verify_batch,
+                                size=(args.verify_size,) * 2, seed=args.seed)
+    else:
+      report = compare_logits(torch_model, variables, cfg, batch=args.verify_batch,
+                              image_size=args.verify_size, seed=args.seed)
     print(report)
     if not report.ok:
       print('error: parity check failed; nothing was written.', file=sys.stderr)
       return 1
-    extra['verified_max_abs_logit_diff'] = report.max_abs_diff
+    if args.features_only:
+      extra['verified_max_abs_feature_diffs'] = list(report.max_abs_diffs)
+    else:
+      extra['verified_max_abs_logit_diff'] = report.max_abs_diff
   try:
     out = weights.save(args.output, variables, model_name=args.model,
                        architecture=dataclasses.asdict(cfg), overwrite=args.overwrite,

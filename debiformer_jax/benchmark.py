@@ -4,6 +4,8 @@
   python -m debiformer_jax.benchmark --mode train --compare-torch
   python -m debiformer_jax.benchmark --mode train --remat --remat-compare
   python -m debiformer_jax.benchmark --mode train --profile /tmp/debiformer-trace
+  python -m debiformer_jax.benchmark --model debi_small --features-only --size 512x512 \
+      --batch 2 --compare-torch
 
 Inference is a jitted forward pass (eval mode). Train is the training loop's own step
 (`train.train_step` with the ImageNet recipe: mixup/cutmix, label smoothing, drop path,
@@ -16,6 +18,10 @@ arguments); in train mode also the activations the forward pass saves for the ba
 (what --remat trades for recomputation; XLA:CPU's peak does not shrink with remat, its
 scheduler keeps the recomputed values alive, while these residuals do). MFU = analytic
 FLOPs x images/s / the device's peak, where the peak is known.
+
+--features-only measures the dense backbone (`create_model(MODEL, features_only=True)`: the
+official segmentation settings, auto_pad, any --size HxW) in inference; its FLOPs count the
+padded maps the attentions compute on, and --compare-torch runs our reference's dense backbone.
 
 --compare-torch times our PyTorch reference of the official model
 (`debiformer_jax.reference.torch_debiformer`) in the same process: eager, same batch and
@@ -47,7 +53,7 @@ import re
 import statistics
 import sys
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +62,7 @@ import numpy as np
 from debiformer_jax import config as config_lib
 from debiformer_jax import train, weights
 from debiformer_jax.models import Implementation, create_model, get_architecture
-from debiformer_jax.models.architecture import parse_override
+from debiformer_jax.models.architecture import parse_override, parse_size
 from debiformer_jax.models.flops import forward_macs
 
 # Peak dense matmul FLOP/s per chip, by dtype: (device_kind substring, bf16, f32). For TPUs
@@ -97,7 +103,11 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--override', type=parse_override, action='append', default=[],
                  metavar='FIELD=VALUE', help='replace a model config field, e.g. depths=(1,1,1,1)')
   p.add_argument('--batch', type=int, default=8)
-  p.add_argument('--resolution', type=int, default=224)
+  p.add_argument('--resolution', type=int, default=224, help='square input side')
+  p.add_argument('--size', type=parse_size, metavar='HxW',
+                 help='input height x width (e.g. 512x683); replaces --resolution')
+  p.add_argument('--features-only', action='store_true',
+                 help='the dense backbone (official segmentation settings), inference only')
   p.add_argument('--mode', choices=('inference', 'train'), default='inference')
   p.add_argument('--dtype', choices=tuple(config_lib.DTYPES), default='float32',
                  help='compute dtype; parameters, softmax and norms stay float32')
@@ -161,7 +171,7 @@ def xla_flops(compiled) -> Optional[float]:
   return float(cost['flops']) if cost and 'flops' in cost else None
 
 
-def residual_bytes(model, batch: int, resolution: int) -> Optional[int]:
+def residual_bytes(model, batch: int, size: Tuple[int, int]) -> Optional[int]:
   """Bytes of activations the forward pass saves for the backward pass (JAX's residuals of the
   training loss w.r.t. the parameters, arguments excluded): the backend-independent activation
   memory that rematerialisation trades for recomputation. None if this JAX cannot say."""
@@ -171,7 +181,7 @@ def residual_bytes(model, batch: int, resolution: int) -> Optional[int]:
     return None
   cfg = model.config
   variables = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), weights.abstract_variables(model))
-  args = (variables['batch_stats'], jnp.zeros((batch, resolution, resolution, cfg.in_chans)),
+  args = (variables['batch_stats'], jnp.zeros((batch, *size, cfg.in_chans)),
           jnp.full((batch, cfg.num_classes), 1.0 / cfg.num_classes), jax.random.PRNGKey(0))
   loss = lambda params: train.loss_fn(params, *args, model=model)[0]
   try:
@@ -182,7 +192,7 @@ def residual_bytes(model, batch: int, resolution: int) -> Optional[int]:
              if 'argument' not in why)
 
 
-def compile_step(model, mode: str, batch: int, resolution: int, seed: int):
+def compile_step(model, mode: str, batch: int, size: Tuple[int, int], seed: int):
   """Returns (compiled, compile_seconds, run) where run() performs one step and blocks.
 
   Train is the training loop's own step (`train.train_step`) with the recipe of
@@ -191,8 +201,7 @@ def compile_step(model, mode: str, batch: int, resolution: int, seed: int):
   """
   cfg = model.config
   rng = np.random.default_rng(seed)
-  images = jnp.asarray(rng.normal(size=(batch, resolution, resolution, cfg.in_chans)),
-                       jnp.float32)
+  images = jnp.asarray(rng.normal(size=(batch, *size, cfg.in_chans)), jnp.float32)
   if mode == 'inference':
     variables = jax.jit(weights.init_variables, static_argnums=0)(model, jax.random.PRNGKey(seed))
     t0 = time.perf_counter()
@@ -227,15 +236,17 @@ def compile_step(model, mode: str, batch: int, resolution: int, seed: int):
 # ---------------------------------------------------------------------------------------------
 # PyTorch reference.
 
-def torch_step(cfg, mode: str, batch: int, resolution: int, dtype: str, seed: int):
-  """One eager step of our PyTorch reference of the official model; returns run()."""
+def torch_step(cfg, mode: str, batch: int, size: Tuple[int, int], dtype: str, seed: int,
+               features_only: bool = False):
+  """One eager step of our PyTorch reference of the official model (its dense backbone with
+  `features_only`); returns run()."""
   import torch
 
   from debiformer_jax.reference.torch_debiformer import build_torch_model
   torch.manual_seed(seed)
   torch.set_num_threads(len(os.sched_getaffinity(0)))
-  model = build_torch_model(cfg)
-  x = torch.randn(batch, cfg.in_chans, resolution, resolution)
+  model = build_torch_model(cfg, features_only)
+  x = torch.randn(batch, cfg.in_chans, *size)
   y = torch.randint(0, cfg.num_classes, (batch,))
 
   def autocast():
@@ -352,9 +363,10 @@ class Result:
   """Everything one benchmark run measured; the derived numbers are properties."""
   model: str
   overrides: Dict[str, Any]
+  features_only: bool
   mode: str
   batch: int
-  resolution: int
+  size: Tuple[int, int]  # Input height, width.
   dtype: str
   backend: str
   device: str
@@ -427,29 +439,33 @@ def _timed(run) -> float:
 
 def benchmark(args) -> Result:
   overrides = dict(args.override)
-  cfg = get_architecture(args.model, **overrides)
-  cfg.check_input_size(args.resolution, args.resolution)
+  size = args.size or (args.resolution, args.resolution)
+  if args.features_only and args.mode == 'train':
+    raise ValueError("--features-only measures the backbone's forward pass: use --mode "
+                     "inference (the train step is the classifier's).")
+  cfg = get_architecture(args.model, backbone=args.features_only, **overrides)
+  cfg.check_input_size(*size)
   impl = Implementation(dwconv=args.dwconv, sampling=args.sampling,
                         region_gather=args.region_gather, dense_routing=args.dense_routing,
                         remat=args.remat, remat_policy=args.remat_policy)
   train_mode = args.mode == 'train'
-  build = lambda impl: create_model(args.model, dtype=config_lib.DTYPES[args.dtype], impl=impl,
-                                    **overrides)
+  build = lambda impl: create_model(args.model, features_only=args.features_only,
+                                    dtype=config_lib.DTYPES[args.dtype], impl=impl, **overrides)
   model = build(impl)
-  compiled, compile_s, run = compile_step(model, args.mode, args.batch, args.resolution,
-                                          args.seed)
+  compiled, compile_s, run = compile_step(model, args.mode, args.batch, size, args.seed)
 
   remat_other = None
   if args.remat_compare and train_mode:
     other = build(dataclasses.replace(impl, remat=not args.remat))
-    other_compiled, _, _ = compile_step(other, args.mode, args.batch, args.resolution, args.seed)
+    other_compiled, _, _ = compile_step(other, args.mode, args.batch, size, args.seed)
     remat_other = Other(remat=not args.remat, memory=Memory.of(other_compiled),
-                        residual_bytes=residual_bytes(other, args.batch, args.resolution))
+                        residual_bytes=residual_bytes(other, args.batch, size))
     del other_compiled
 
   torch_run = None
   if args.compare_torch:
-    torch_run = torch_step(cfg, args.mode, args.batch, args.resolution, args.dtype, args.seed)
+    torch_run = torch_step(cfg, args.mode, args.batch, size, args.dtype, args.seed,
+                           args.features_only)
 
   for _ in range(args.warmup):
     run()
@@ -463,13 +479,14 @@ def benchmark(args) -> Result:
 
   device = jax.devices()[0]
   return Result(
-      model=args.model, overrides=overrides, mode=args.mode, batch=args.batch,
-      resolution=args.resolution, dtype=args.dtype, backend=jax.default_backend(),
+      model=args.model, overrides=overrides, features_only=args.features_only, mode=args.mode,
+      batch=args.batch, size=size, dtype=args.dtype, backend=jax.default_backend(),
       device=device.device_kind, implementation=dataclasses.asdict(impl.resolve()),
       warmup=args.warmup, times=Times(times), compile_s=compile_s,
-      xla_flops=xla_flops(compiled), analytic_macs=forward_macs(cfg, args.resolution)['total'],
+      xla_flops=xla_flops(compiled),
+      analytic_macs=forward_macs(cfg, *size, head=not args.features_only)['total'],
       memory=Memory.of(compiled),
-      residual_bytes=residual_bytes(model, args.batch, args.resolution) if train_mode else None,
+      residual_bytes=residual_bytes(model, args.batch, size) if train_mode else None,
       device_peak_flops=peak_flops(device.device_kind, args.dtype),
       profile=_profile(run, compiled, args.profile, train_mode) if args.profile else None,
       profile_dir=args.profile, remat_other=remat_other,
@@ -490,9 +507,10 @@ def format_table(r: Result) -> str:
   impl = ', '.join(f'{k}={v}' for k, v in r.implementation.items())
   m = r.memory
   rows = [
-      ('model', r.model + (f' {r.overrides}' if r.overrides else '')),
+      ('model', r.model + (' (backbone)' if r.features_only else '')
+       + (f' {r.overrides}' if r.overrides else '')),
       ('mode / dtype', f'{r.mode} / {r.dtype}'),
-      ('batch x resolution', f'{r.batch} x {r.resolution}'),
+      ('batch x size', f'{r.batch} x {r.size[0]}x{r.size[1]}'),
       ('device', f'{r.backend}: {r.device}'),
       ('implementation', impl),
       ('images/s (median)', f'{r.images_per_s:.2f}   (step {_ms(r.times.median)}; min '

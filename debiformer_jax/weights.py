@@ -33,7 +33,7 @@ FORMAT = 'debiformer-jax-variables'
 def init_variables(model, rng) -> dict:
   """Fresh {'params', 'batch_stats'} of `model` (their shapes do not depend on the input
   size; the smallest size the model takes is used)."""
-  side = model.config.valid_input_sizes(1)[0]
+  side = model.config.smallest_input_size()
   x = jnp.zeros((1, side, side, model.config.in_chans), jnp.float32)
   variables = model.init({'params': rng}, x, train=False)
   return {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}

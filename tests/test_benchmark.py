@@ -46,7 +46,7 @@ def test_inference_with_torch_comparison_prints_every_field(capsys, tmp_path):
                 'XLA / analytic', 'peak memory', 'MFU', 'PyTorch reference',
                 'speed-up vs PyTorch', 'implementation'):
     assert field in table, field
-  assert result['mode'] == 'inference' and result['batch'] == 2 and result['resolution'] == 28
+  assert result['mode'] == 'inference' and result['batch'] == 2 and result['size'] == [28, 28]
   assert result['images_per_s'] > 0 and result['torch_images_per_s'] > 0
   assert result['speedup_vs_torch'] == pytest.approx(
       result['images_per_s'] / result['torch_images_per_s'])
@@ -83,11 +83,29 @@ def test_train_with_remat_compare_reports_both_memories_and_the_profile(capsys, 
   assert 0 < prof['matmul_ms'] < prof['total_ms']
 
 
+def test_backbone_at_a_non_square_size_with_torch_comparison(capsys):
+  """--features-only --size HxW: the dense backbone (auto_pad, n_win 8: the 7x9 map pads)."""
+  lines, result = run(capsys, ONE_STAGE + ['--features-only', '--size', '28x36',
+                                           '--compare-torch'])
+  assert result['features_only'] and result['size'] == [28, 36]
+  assert result['mode'] == 'inference' and result['torch_images_per_s'] > 0
+  assert 'debiformer_tiny (backbone)' in lines[0] and '2 x 28x36' in '\n'.join(lines)
+  overrides = dict(benchmark.build_parser().parse_args(ONE_STAGE).override)
+  cfg = get_architecture('debiformer_tiny', backbone=True, **overrides)
+  assert result['analytic_macs'] == forward_macs(cfg, 28, 36, head=False)['total']
+  assert result['analytic_macs'] < forward_macs(cfg, 28, 36)['total']  # no head
+  assert benchmark.main(ONE_STAGE + ['--features-only', '--mode', 'train']) == 2
+  assert "use --mode inference" in capsys.readouterr().err
+
+
 def test_bad_arguments_are_reported(capsys):
   assert benchmark.main(ONE_STAGE + ['--resolution', '30']) == 2
   assert 'does not split' in capsys.readouterr().err
   with pytest.raises(SystemExit):
     benchmark.main(['--override', 'depths'])
+  with pytest.raises(SystemExit):
+    benchmark.main(['--size', '512by512'])
+  assert 'HEIGHTxWIDTH' in capsys.readouterr().err
 
 
 def test_peak_flops_table():

@@ -36,7 +36,8 @@ def test_official_fixture_stages_and_logits():
                                     **REDUCED)
   model = DeBiFormer(get_architecture('debiformer_tiny', **REDUCED))
   x = np.load(FIXTURE / 'input_nchw.npy').transpose(0, 2, 3, 1)
-  logits, stages = jax.jit(lambda v, x: model.apply(v, x, return_stages=True))(variables, x)
+  logits, stages = jax.jit(lambda v, x: (model.apply(v, x), model.apply(
+      v, x, method='forward_features')))(variables, x)
   for i, got in enumerate(stages):
     ref = np.load(FIXTURE / f'stage{i}_nchw.npy').transpose(0, 2, 3, 1)
     assert np.abs(np.asarray(got) - ref).max() <= tol(ref), f'stage {i}'

@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from debiformer_jax.convert.reader import read_torch_state_dict
-from debiformer_jax.models.architecture import BASE, SMALL, TINY
+from debiformer_jax.models.architecture import BASE, SMALL, TINY, get_architecture
 from debiformer_jax.reference import (build_torch_model, clear_routing_input,
                                       min_routing_margin, randomize_)
+from debiformer_jax.reference.torch_debiformer import TopkRouter
 
 FIXTURE = (Path(__file__).resolve().parents[1] / '..' / 'shared' / 'fixtures' /
            'official_debi_reduced').resolve()
@@ -61,7 +62,7 @@ def test_fixture_state_dict_names_and_shapes_match():
 def test_fixture_stages_and_logits(reduced_model):
   x = torch.from_numpy(np.load(FIXTURE / 'input_nchw.npy'))
   with torch.no_grad():
-    stages = reduced_model.forward_stages(x)
+    stages = reduced_model.forward_features(x)
     logits = reduced_model(x)
   for i, stage in enumerate(stages):
     _close(stage.numpy(), np.load(FIXTURE / f'stage{i}_nchw.npy'))
@@ -71,6 +72,39 @@ def test_fixture_stages_and_logits(reduced_model):
 def test_fixture_input_has_clear_routing(reduced_model):
   x = torch.from_numpy(np.load(FIXTURE / 'input_nchw.npy'))
   assert min_routing_margin(reduced_model, x) >= 5e-6
+
+
+DENSE = FIXTURE.parent / 'official_dense_reduced'
+DENSE_CHECKPOINT = DENSE / 'debi_reduced_dense_seed7.pth'
+DENSE_REDUCED = get_architecture('debi_tiny', backbone=True, depths=(1, 1, 1, 1))
+
+
+def test_dense_backbone_reproduces_the_official_dense_fixture():
+  """The official segmentation backbone (n_win 8, auto_pad) at 200x328: names, order, shapes
+  of its state dict, and all four normalised stage maps."""
+  if not DENSE_CHECKPOINT.exists():
+    pytest.skip(f'official fixture not found at {DENSE}')
+  model = build_torch_model(DENSE_REDUCED, features_only=True).eval()
+  with torch.serialization.safe_globals([argparse.Namespace]):
+    official = torch.load(DENSE_CHECKPOINT, map_location='cpu', weights_only=True)['model']
+  assert list(model.state_dict()) == list(official)
+  model.load_state_dict(official, strict=True)
+  x = torch.from_numpy(np.load(DENSE / 'input_nchw.npy'))
+  with torch.no_grad():
+    maps = model(x)
+  assert len(maps) == 4
+  for i, got in enumerate(maps):
+    _close(got.numpy(), np.load(DENSE / f'feat{i}_nchw.npy'))
+  # Regions of pure padding tie exactly; the margin is taken to the next strictly smaller score.
+  assert min_routing_margin(model, x) >= 5e-6
+
+
+def test_margin_is_measured_to_the_next_strictly_smaller_score():
+  router = TopkRouter(qk_dim=1, topk=2)
+  router.margins = []
+  key = torch.tensor([[[3.0], [2.0], [2.0], [1.0]]])  # scores 3, 2, 2, 1 for query 1
+  router(torch.ones(1, 1, 1), key)
+  assert router.margins == [pytest.approx(1.0 / 3.0)]  # (2 - 1) / 3, not the tie's 0
 
 
 def _count(cfg) -> int:
@@ -94,7 +128,7 @@ def test_other_input_sizes():
     model(torch.randn(1, 4, 224, 224))
   mini = randomize_(build_torch_model(MINI), seed=0).eval()
   with torch.no_grad():
-    stages = mini.forward_stages(torch.randn(1, 3, 224, 448))
+    stages = mini.forward_features(torch.randn(1, 3, 224, 448))
   assert [tuple(s.shape[2:]) for s in stages] == [(56, 112), (28, 56), (14, 28), (7, 14)]
 
 

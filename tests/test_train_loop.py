@@ -7,7 +7,8 @@
 * converted weights (weights.save) evaluated in 'eval' mode give the metrics
   the training run reported.
 * an ImageFolder of generated JPEGs through the command line: fine-tuning from the ImageNet
-  run (its 1000-class head dropped with a warning), then 'eval' mode on the workdir.
+  run at a larger size with auto_pad (its 1000-class head dropped with a warning), then 'eval'
+  mode on the workdir.
 """
 
 import os
@@ -154,11 +155,17 @@ def _main(args, **kwargs):
 
 
 def test_imagefolder_finetune_and_eval_from_the_command_line(imagenet_runs, tmp_path):
+  """Fine-tuning at another resolution (48, from the run at 32, as 384 from 224): with
+  auto_pad the same parameter tree loads and both stage maps and the stage-0 deformable grid
+  pad; without it the config stops before anything compiles and names the fix."""
+  with pytest.raises(config_lib.ConfigError, match=r'image_size=48: .*auto_pad=True'):
+    config_lib.finalize(lib.small_config(image_size=48), str(tmp_path / 'refused'))
   folder = lib.write_jpeg_folder(str(tmp_path / 'images'), train_per_class=8, val_per_class=3)
   workdir = str(tmp_path / 'workdir')
   common = ['--config=configs/demo.py', f'--workdir={workdir}', '--config.data.prepare=',
             f'--config.data.folder={folder}', '--config.global_batch_size=8',
-            '--config.data.num_parallel_calls=2']
+            '--config.data.num_parallel_calls=2', '--config.image_size=48',
+            '--config.model.auto_pad=True']
   result = _main(common + ['--config.num_train_steps=4', '--config.log_every_steps=2',
                            '--config.eval_every_epochs=1',
                            f'--config.init_from={imagenet_runs["dir_a"]}'])
@@ -187,3 +194,4 @@ def test_imagefolder_finetune_and_eval_from_the_command_line(imagenet_runs, tmp_
   assert int(num_examples) == 9
   assert float(top1) == pytest.approx(scalars['eval/top1'][4], abs=1e-4)
   assert float(loss) == pytest.approx(scalars['eval/loss'][4], rel=1e-4)
+

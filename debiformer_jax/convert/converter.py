@@ -11,8 +11,10 @@ from typing import Dict, Mapping, Optional
 
 import flax
 import numpy as np
+from absl import logging
 
 from debiformer_jax import weights
+from debiformer_jax.convert.backbone import backbone_state_dict
 from debiformer_jax.convert.name_map import TRANSFORMS, name_map
 from debiformer_jax.convert.reader import read_torch_state_dict
 from debiformer_jax.models import PRESETS, Architecture, DeBiFormer, get_architecture
@@ -47,10 +49,13 @@ def checkpoint_architecture(state_dict: Mapping[str, np.ndarray]) -> Optional[st
   return desc + (f' (that is {same[0]})' if same else '')
 
 
-def convert_state_dict(state_dict: Mapping[str, np.ndarray], cfg: Architecture):
-  """Flax variables {'params', 'batch_stats'} for `cfg` from an official state dict (numpy)."""
-  expected = flax.traverse_util.flatten_dict(weights.abstract_variables(DeBiFormer(cfg)))
-  entries = name_map(cfg)
+def convert_state_dict(state_dict: Mapping[str, np.ndarray], cfg: Architecture,
+                       features_only: bool = False):
+  """Flax variables {'params', 'batch_stats'} for `cfg` from an official state dict (numpy):
+  the classifier's, or with `features_only` the dense backbone's (`name_map`)."""
+  model = DeBiFormer(cfg, features_only=features_only)
+  expected = flax.traverse_util.flatten_dict(weights.abstract_variables(model))
+  entries = name_map(cfg, features_only)
   mapped_keys = [e.torch_key for e in entries]
   mapped_leaves = [(e.collection,) + e.path for e in entries]
   # The map itself must be one-to-one and cover the model exactly (a programming error if not).
@@ -93,12 +98,23 @@ def convert_state_dict(state_dict: Mapping[str, np.ndarray], cfg: Architecture):
   return flax.traverse_util.unflatten_dict(flat)
 
 
-def load_torch_checkpoint(path: str, model_name: str, *, ema: bool = False, **overrides):
+def load_torch_checkpoint(path: str, model_name: str, *, ema: bool = False,
+                          features_only: bool = False, **overrides):
   """Reads an official (or our reference's) PyTorch checkpoint as Flax variables.
 
   `model_name` is a preset name (`debiformer_tiny`, `debi_small`, ...); `overrides` replace
   config fields (e.g. depths for a reduced model). `ema=True` takes `model_ema`.
+  `features_only`: variables of `create_model(model_name, features_only=True, **overrides)`
+  from an official dense backbone, an mmsegmentation / mmdetection checkpoint or an ImageNet
+  classifier (`backbone.backbone_state_dict`); what was ignored, left unused or initialised
+  is logged as a warning.
   Returns {'params': ..., 'batch_stats': ...} of float32 numpy arrays.
   """
-  cfg = get_architecture(model_name, **overrides)
-  return convert_state_dict(read_torch_state_dict(path, ema=ema), cfg)
+  cfg = get_architecture(model_name, backbone=features_only, **overrides)
+  state_dict = read_torch_state_dict(path, ema=ema)
+  if not features_only:
+    return convert_state_dict(state_dict, cfg)
+  backbone = backbone_state_dict(state_dict, cfg)
+  if backbone.ignored or backbone.unused or backbone.initialised:
+    logging.warning('%s %s', path, backbone.summary())
+  return convert_state_dict(backbone.state_dict, cfg, features_only=True)

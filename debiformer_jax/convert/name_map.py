@@ -99,8 +99,10 @@ def _block(cfg, s, t, path):
   return entries
 
 
-def name_map(cfg: Architecture) -> List[Entry]:
-  """Every tensor of the official model for `cfg` (except num_batches_tracked)."""
+def name_map(cfg: Architecture, features_only: bool = False) -> List[Entry]:
+  """Every tensor of the official model for `cfg` (except num_batches_tracked): the classifier,
+  or with `features_only` the dense backbone (no final norm, no head). With norm_outputs, the
+  per-stage LayerNorms `extra_norms.{s}.ln` of the dense backbone."""
   entries = _weight_bias('downsample_layers.0.0', ('stem_conv1',), 'conv')
   entries += _batch_norm('downsample_layers.0.1', ('stem_bn1',))
   entries += _weight_bias('downsample_layers.0.3', ('stem_conv2',), 'conv')
@@ -111,6 +113,10 @@ def name_map(cfg: Architecture) -> List[Entry]:
   for s in range(cfg.num_stages):
     for b in range(cfg.depths[s]):
       entries += _block(cfg, s, f'stages.{s}.{b}', (f'stage{s}_block{b}',))
-  entries += _batch_norm('norm', ('norm',))
-  entries += _weight_bias('head', ('head',), 'linear')
+  if cfg.norm_outputs:
+    for s in range(cfg.num_stages):
+      entries += _layer_norm(f'extra_norms.{s}.ln', (f'extra_norm{s}',))
+  if not features_only:
+    entries += _batch_norm('norm', ('norm',))
+    entries += _weight_bias('head', ('head',), 'linear')
   return entries

@@ -7,7 +7,16 @@ what is wrong with one in words a user can act on.
 Per-stage attention: each block holds two attentions. `attn1` is BRA or DBRA (per stage,
 `attn1_deformable`), `attn2` is always DBRA. `topk1` / `topk2` are the number of routed
 regions for them; -1 means "every region" (n_win**2), which is what the official stage
-top-k entry -2 builds (k=49 at n_win=7).
+top-k entry -2 builds in the classifier (k=49 at n_win=7).
+
+Input sizes: without `auto_pad` every stage map and deformable grid must split into
+n_win x n_win regions (224, 448, ... for the classifiers). With `auto_pad` (the official dense
+backbones, and the classifier at other resolutions) each attention pads its input at the
+bottom/right to a multiple of n_win and crops its output, so any size works; where nothing
+needs padding the computation is exactly the unpadded one.
+
+`BACKBONE` holds what the official dense backbones (segmentation/ and detection/debiformer.py)
+change: `get_architecture(name, backbone=True)`.
 """
 
 from __future__ import annotations
@@ -42,6 +51,12 @@ class Architecture:
   in_chans: int = 3
   num_classes: int = 1000
   drop_path_rate: float = 0.0
+  # Pad every attention's input to a multiple of n_win (bottom/right, zeros) and crop its
+  # output, as the official `auto_pad=True`: any input size works.
+  auto_pad: bool = False
+  # A LayerNorm over channels (eps 1e-5) on every stage's output, as the official dense
+  # backbones' `extra_norms`: the maps a backbone returns, and what the head reads.
+  norm_outputs: bool = False
 
   @property
   def num_stages(self) -> int:
@@ -94,6 +109,9 @@ class Architecture:
       raise ValueError(f'widths[0]={self.widths[0]} must be even (the stem halves it).')
     if not 0.0 <= self.drop_path_rate < 1.0:
       raise ValueError(f'drop_path_rate={self.drop_path_rate} must be in [0, 1).')
+    for name in ('auto_pad', 'norm_outputs'):
+      if not isinstance(getattr(self, name), bool):
+        raise ValueError(f'Architecture.{name}={getattr(self, name)!r} must be True or False.')
     return self
 
   def stage_sizes(self, height: int, width: int) -> Tuple[Tuple[int, int], ...]:
@@ -109,21 +127,29 @@ class Architecture:
       sizes.append((h, w))
     return tuple(sizes)
 
-  def input_size_problems(self, height: int, width: int) -> Tuple[str, ...]:
-    """Which stage maps or deformable grids of this input do not split into n_win regions.
+  def padded(self, side: int) -> int:
+    """`side` rounded up to a multiple of n_win (what auto_pad pads a map to)."""
+    return side + (-side) % self.n_win
 
-    The deformable grid of a stage is ceil(side / offset_stride) per side.
+  def input_size_problems(self, height: int, width: int) -> Tuple[str, ...]:
+    """Which stage maps or deformable grids of this input do not split into n_win regions
+    (with auto_pad they are padded; the list says where padding happens).
+
+    The deformable grid of a stage is ceil(side / offset_stride) per side (of the padded map
+    with auto_pad).
     """
     problems = []
+    pad = self.padded if self.auto_pad else (lambda side: side)
     for s, (h, w) in enumerate(self.stage_sizes(height, width)):
       r = self.offset_strides[s]
-      for what, a, b in (('feature map', h, w), ('deformable grid', -(-h // r), -(-w // r))):
+      grid = (-(-pad(h) // r), -(-pad(w) // r))
+      for what, (a, b) in (('feature map', (h, w)), ('deformable grid', grid)):
         if a % self.n_win or b % self.n_win:
           problems.append(f'stage {s} {what} {a}x{b}')
     return tuple(problems)
 
   def valid_input_sizes(self, limit: int = 3) -> Tuple[int, ...]:
-    """The smallest square input sides this model accepts that halve exactly at every stage."""
+    """The smallest square input sides that split into regions at every stage (no padding)."""
     step = 2 ** (self.num_stages + 1)
     found, side = [], step
     while len(found) < limit and side < 100_000:
@@ -132,15 +158,32 @@ class Architecture:
       side += step
     return tuple(found)
 
+  def smallest_input_size(self) -> int:
+    """The smallest square side this model takes: with auto_pad the one that makes the last
+    stage map 1x1 (2**(stages + 1)), else the smallest that splits into regions."""
+    return 2 ** (self.num_stages + 1) if self.auto_pad else self.valid_input_sizes(1)[0]
+
   def check_input_size(self, height: int, width: int) -> None:
-    """Raises ValueError, naming sizes that work, unless the input splits into regions."""
+    """Raises ValueError, saying what to do, unless the model takes a height x width input."""
+    if height < 1 or width < 1:
+      raise ValueError(f'input {height}x{width} is empty: give images of at least 1x1 pixels.')
+    if self.auto_pad:
+      return
     problems = self.input_size_problems(height, width)
-    if problems:
-      ok = ', '.join(map(str, self.valid_input_sizes()))
-      raise ValueError(
-          f'input {height}x{width} does not split into {self.n_win}x{self.n_win} regions: '
-          f'{", ".join(problems)} not divisible by n_win={self.n_win}. Square sizes that work '
-          f'with this model include {ok}; resize or crop the input to one of them.')
+    if not problems:
+      return
+    ok = self.valid_input_sizes()
+    fix = (f'Square sizes that work with this model include {", ".join(map(str, ok))}; resize '
+           f'or crop the input to one of them, or set auto_pad=True (--config.model.auto_pad='
+           f'True) to pad every attention\'s input as the official code does, so that any size '
+           f'works.')
+    if height < ok[0] or width < ok[0]:
+      raise ValueError(f'input {height}x{width} is smaller than this model takes without '
+                       f'padding: its stage maps must split into {self.n_win}x{self.n_win} '
+                       f'regions, which needs at least {ok[0]}x{ok[0]}. {fix}')
+    raise ValueError(
+        f'input {height}x{width} does not split into {self.n_win}x{self.n_win} regions: '
+        f'{", ".join(problems)} not divisible by n_win={self.n_win}. {fix}')
 
 
 TINY = Architecture()
@@ -154,13 +197,24 @@ PRESETS = {
     'debiformer_small': SMALL,
     'debiformer_base': BASE,
 }
+# What the official dense backbones (segmentation/debiformer.py, class BiFormer and its
+# debi_tiny|small|base) build differently from the classifier: n_win 8, auto_pad, a LayerNorm
+# on every stage output; their stage top-k entry -2 builds k=49 as in the classifier, which at
+# n_win 8 routes 49 of the 64 regions. Drop-path as their segmentation builders (tiny 0.1,
+# small the default 0, base 0.4). (The detection builders use n_win 8, 16, 32 for tiny, small,
+# base: override n_win.)
+BACKBONE = dict(n_win=8, auto_pad=True, norm_outputs=True, topk1=(1, 4, 16, 49),
+                topk2=(4, 8, 16, 49))
+BACKBONE_DROP_PATH = {'debiformer_tiny': 0.1, 'debiformer_small': 0.0, 'debiformer_base': 0.4}
+
 # The names the official code registers with timm.
 ALIASES = {'debi_tiny': 'debiformer_tiny', 'debi_small': 'debiformer_small',
            'debi_base': 'debiformer_base'}
 
 
-def get_architecture(name: str, **overrides) -> Architecture:
-  """The preset called `name` (ours or the official alias) with fields replaced by `overrides`."""
+def get_architecture(name: str, backbone: bool = False, **overrides) -> Architecture:
+  """The preset called `name` (ours or the official alias) with fields replaced by `overrides`;
+  with `backbone`, the official dense backbone of that variant (`BACKBONE`)."""
   canonical = ALIASES.get(name, name)
   if canonical not in PRESETS:
     known = sorted(PRESETS) + sorted(ALIASES)
@@ -171,6 +225,8 @@ def get_architecture(name: str, **overrides) -> Architecture:
     raise ValueError(f'unknown model field(s) {unknown}; Architecture fields are: '
                      f'{", ".join(sorted(fields))}.')
   overrides = {k: tuple(v) if isinstance(v, list) else v for k, v in overrides.items()}
+  if backbone:
+    overrides = {**BACKBONE, 'drop_path_rate': BACKBONE_DROP_PATH[canonical], **overrides}
   return dataclasses.replace(PRESETS[canonical], **overrides).validate()
 
 
@@ -185,3 +241,13 @@ def parse_override(text: str) -> Tuple[str, Any]:
   except (ValueError, SyntaxError):
     raise argparse.ArgumentTypeError(f'{text!r}: {value!r} is not a Python literal '
                                      f'(e.g. depths=(1,1,1,1) or num_classes=10)')
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+  """'512x683' -> (512, 683) and '512' -> (512, 512): an input height x width on a command
+  line (argparse `type=`)."""
+  parts = text.lower().split('x')
+  if len(parts) > 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    raise argparse.ArgumentTypeError(f'{text!r} is not a size: give HEIGHTxWIDTH (e.g. 512x683) '
+                                     f'or one side (e.g. 512) in pixels')
+  return int(parts[0]), int(parts[-1])

@@ -1,7 +1,11 @@
 """BRA (bi-level routing attention) and DBRA (deformable bi-level routing attention).
 
-Both take and return NHWC maps whose sides divide into `n_win` regions. The attention scale
-is qk_dim**-0.5 with qk_dim = C, the full width, as the official code (not the head width).
+Both take and return NHWC maps. Without `auto_pad` the sides must divide into `n_win`
+regions; with it each module pads its input as the official `auto_pad=True` does (zeros at the
+bottom/right up to multiples of n_win, `pad_to_regions`), computes on the padded map and crops
+its output (`crop_to`); nothing is padded or cropped where the sides already divide. The
+attention scale is qk_dim**-0.5 with qk_dim = C, the full width, as the official code (not the
+head width).
 """
 
 from __future__ import annotations
@@ -24,13 +28,28 @@ Dtype = Any
 
 class RoutedAttention(nn.Module):
   """What BRA and DBRA share: heads, an n_win x n_win region split, `topk` routed regions,
-  the LCE depthwise-conv size, the (resolved) Implementation and the compute dtype."""
+  the LCE depthwise-conv size, auto_pad, the (resolved) Implementation and the compute dtype."""
   num_heads: int
   n_win: int
   topk: int
   side_dwconv: int
+  auto_pad: bool
   impl: Implementation
   dtype: Dtype
+
+
+def pad_to_regions(x, p: int):
+  """(N, H, W, C) zero-padded at the bottom/right to sides that are multiples of p; x itself
+  when they already are (no pad op)."""
+  ph, pw = (-x.shape[1]) % p, (-x.shape[2]) % p
+  if not ph and not pw:
+    return x
+  return jnp.pad(x, ((0, 0), (0, ph), (0, pw), (0, 0)))
+
+
+def crop_to(x, h: int, w: int):
+  """x[:, :h, :w] of an (N, H', W', C) map; x itself when that is all of it (no slice op)."""
+  return x if x.shape[1:3] == (h, w) else x[:, :h, :w]
 
 
 class BRA(RoutedAttention):
@@ -38,12 +57,15 @@ class BRA(RoutedAttention):
 
   One linear gives q, k, v; region means of q and k route each query region to its `topk`
   key regions; tokens attend to the gathered tokens; a depthwise conv of v (LCE) is added
-  before the output linear.
+  before the output linear. auto_pad: all of it runs on the padded map (padded tokens are
+  zeros before the linear, so their q, k, v are its bias), the output is cropped.
   """
 
   @nn.compact
   def __call__(self, x):
-    c = x.shape[-1]
+    _, h, w, c = x.shape
+    if self.auto_pad:
+      x = pad_to_regions(x, self.n_win)
     qkv = Dense(3 * c, dtype=self.dtype, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
     lepe = DepthwiseConv(self.side_dwconv, dwconv=self.impl.dwconv, dtype=self.dtype,
@@ -52,7 +74,7 @@ class BRA(RoutedAttention):
                                     topk=self.topk, scale=c ** -0.5,
                                     region_gather=self.impl.region_gather,
                                     dense_routing=self.impl.dense_routing)
-    return Dense(c, dtype=self.dtype, name='wo')(out + lepe)
+    return crop_to(Dense(c, dtype=self.dtype, name='wo')(out + lepe), h, w)
 
 
 class DBRA(RoutedAttention):
@@ -70,6 +92,10 @@ class DBRA(RoutedAttention):
   6. Every full-resolution query attends to all Hk*Wk tokens proj_k(o), proj_v(o) with a
      relative-position bias sampled from `rpe_table` (per head, at (q_pos - pos) / 2 with the
      positions of the head's group), then proj_out.
+  auto_pad, as the official code: x is padded first (H, W above are the padded sides); the
+  deformable grid x̃, its LCE term and the positions are padded again to multiples of n_win
+  (zeros; padded positions are (0, 0), the map centre), steps 4-5 run on that grid, and in
+  step 6 every query attends to all of its tokens, padded ones included. The output is cropped.
   """
   groups: int
   offset_kernel: int
@@ -79,9 +105,12 @@ class DBRA(RoutedAttention):
 
   @nn.compact
   def __call__(self, x):
-    n, h, w, c = x.shape
+    _, h_in, w_in, c = x.shape
     p, g, scale, heads, impl = self.n_win, self.groups, c ** -0.5, self.num_heads, self.impl
     sample = get_sampler(impl.sampling)
+    if self.auto_pad:
+      x = pad_to_regions(x, p)
+    h, w = x.shape[1], x.shape[2]
 
     qkv = Dense(3 * c, dtype=self.dtype, name='qkv')(x)
     q, k, v = jnp.split(qkv, 3, axis=-1)
@@ -92,21 +121,22 @@ class DBRA(RoutedAttention):
                         dwconv=impl.dwconv, dtype=self.dtype, name='offset_dwconv')(q_groups)
     off = gelu(layer_norm(1e-5, self.dtype, 'offset_norm')(off))
     off = Dense(1, use_bias=False, dtype=self.dtype, name='offset_proj')(off)  # (N*G, Hk, Wk, 1)
-    hk, wk = off.shape[1], off.shape[2]
-    pos = jnp.clip(_reference_points(hk, wk) + off.astype(jnp.float32), -1.0, 1.0)
-    pos = rearrange(pos, 'ng h w yx -> ng (h w) yx')  # (N*G, Hk*Wk, 2) as (y, x)
+    hk = off.shape[1]
+    pos = jnp.clip(_reference_points(hk, off.shape[2]) + off.astype(jnp.float32), -1.0, 1.0)
 
     x_groups = rearrange(x, 'n h w (g c) -> (n g) h w c', g=g).astype(jnp.float32)
-    x_tilde = sample(x_groups, pos).astype(self.dtype)  # (N*G, Hk*Wk, Cg)
-    x_tilde = rearrange(x_tilde, '(n g) (h w) c -> n h w (g c)', g=g, h=hk)  # (N, Hk, Wk, C)
+    x_tilde = sample(x_groups, rearrange(pos, 'ng h w yx -> ng (h w) yx'))  # (N*G, Hk*Wk, Cg)
+    x_tilde = rearrange(x_tilde.astype(self.dtype), '(n g) (h w) c -> n h w (g c)', g=g, h=hk)
+    lepe = DepthwiseConv(self.side_dwconv, stride=self.stride, dwconv=impl.dwconv,
+                         dtype=self.dtype, name='lepe')(v)  # (N, Hk, Wk, C)
+    if self.auto_pad:  # The deformable grid is padded again: Hk x Wk -> Hg x Wg.
+      x_tilde, lepe, pos = (pad_to_regions(a, p) for a in (x_tilde, lepe, pos))
 
     # Bi-level routing attention of the deformable queries over the full-resolution k, v.
-    q_def = Dense(c, dtype=self.dtype, name='proj_q')(x_tilde)  # (N, Hk, Wk, C)
+    q_def = Dense(c, dtype=self.dtype, name='proj_q')(x_tilde)  # (N, Hg, Wg, C)
     out = routing.bilevel_attention(q_def, k, v, n_win=p, heads=heads, topk=self.topk,
                                     scale=scale, region_gather=impl.region_gather,
                                     dense_routing=impl.dense_routing)
-    lepe = DepthwiseConv(self.side_dwconv, stride=self.stride, dwconv=impl.dwconv,
-                         dtype=self.dtype, name='lepe')(v)
     o = x_tilde + Dense(c, dtype=self.dtype, name='unifyheads')(out + lepe)
     o = o + ConvMLP(self.mlp_ratio, impl.dwconv, self.dtype, name='mlp')(
         layer_norm(1e-6, self.dtype, 'mlp_norm')(o))
@@ -118,11 +148,11 @@ class DBRA(RoutedAttention):
     v2 = tokens(Dense(c, dtype=self.dtype, name='proj_v')(o))
     rpe_table = self.param('rpe_table', nn.initializers.truncated_normal(0.01),
                            (heads, 2 * self.rpe_size - 1, 2 * self.rpe_size - 1))
-    bias = rpe_bias(rpe_table, rearrange(pos, '(n g) s yx -> n g s yx', g=g), h, w,
+    bias = rpe_bias(rpe_table, rearrange(pos, '(n g) h w yx -> n g (h w) yx', g=g), h, w,
                     impl.sampling)
     out = routing.multihead_attention(tokens(q), k2, v2, heads, scale, bias)
     out = rearrange(out, 'n (h w) c -> n h w c', h=h)
-    return Dense(c, dtype=self.dtype, name='proj_out')(out)
+    return crop_to(Dense(c, dtype=self.dtype, name='proj_out')(out), h_in, w_in)
 
 
 def _reference_points(hk, wk):

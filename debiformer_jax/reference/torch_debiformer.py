@@ -1,8 +1,13 @@
-"""A PyTorch DeBiFormer that computes what the official classification code computes.
+"""A PyTorch DeBiFormer that computes what the official classification and dense-backbone code
+computes.
 
 It is the reference the JAX port is checked against, and it reads official checkpoints:
-`build_torch_model(cfg).state_dict()` has exactly the official names and shapes. Unlike the
-published code it runs as is, at every input size `cfg.check_input_size` accepts.
+`build_torch_model(cfg).state_dict()` has exactly the official classifier's names and shapes,
+`build_torch_model(cfg, features_only=True)` those of the official dense backbone
+(segmentation/ and detection/debiformer.py: `extra_norms.{i}.ln`, no final norm or head) for
+an architecture with norm_outputs. `cfg.auto_pad` pads every attention's input as the official
+`auto_pad=True` branches do. Unlike the published code it runs as is, at every input size
+`cfg.check_input_size` accepts.
 
 Conventions: the model takes and returns NCHW float32. Inside a block, attention and the
 LayerNorms work on NHWC (as the official code does), convolutions on NCHW. An n_win x n_win
@@ -63,6 +68,13 @@ def _gather_regions(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
   return x[batch, index].flatten(2, 3)
 
 
+def _pad_to_regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
+  """(N, H, W, C) zero-padded at the bottom/right to multiples of n_win, as the official
+  auto_pad: F.pad(x, (0, 0, 0, pad_w, 0, pad_h))."""
+  pad_h, pad_w = (-x.shape[1]) % n_win, (-x.shape[2]) % n_win
+  return F.pad(x, (0, 0, 0, pad_w, 0, pad_h))
+
+
 def _align_corners_grid(size: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
   """Normalised coordinates (i / (size - 1)) * 2 - 1 of the `size` pixel centres."""
   if size == 1:
@@ -95,14 +107,16 @@ class DropPath(nn.Module):
 
 
 class ChannelLayerNorm(nn.Module):
-  """LayerNorm over the channels of an NCHW map (the LayerNorm is held as `.norm`)."""
+  """LayerNorm over the channels of an NCHW map, held as attribute `attr` (the official names:
+  `norm` in DBRA's offset net, `ln` in the dense backbone's `extra_norms`)."""
 
-  def __init__(self, channels: int, eps: float = 1e-5):
+  def __init__(self, channels: int, eps: float = 1e-5, attr: str = 'norm'):
     super().__init__()
-    self.norm = nn.LayerNorm(channels, eps=eps)
+    self.attr = attr
+    setattr(self, attr, nn.LayerNorm(channels, eps=eps))
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
-    return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+    return getattr(self, self.attr)(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
 
 
 class ConvMlp(nn.Module):
@@ -144,7 +158,9 @@ class TopkRouter(nn.Module):
 
   Logits are (q_r * qk_dim**-0.5) @ k_r^T of detached region descriptors; only the selected
   set is used downstream. While `margins` is a list, every call that has a (k+1)-th region
-  appends its smallest (score_k - score_{k+1}) / max|score| (see `min_routing_margin`).
+  appends its smallest (score_k - next) / max|score|, `next` being the largest score strictly
+  below score_k (see `min_routing_margin`): exact ties are only those of regions made entirely
+  of auto_pad padding, which hold identical tokens, so which of them is picked cannot matter.
   """
 
   def __init__(self, qk_dim: int, topk: int):
@@ -157,8 +173,9 @@ class TopkRouter(nn.Module):
     """query, key: (N, P, C) region descriptors -> (N, P, topk) key-region indices."""
     logits = (query.detach() * self.scale) @ key.detach().transpose(-2, -1)
     if self.margins is not None and self.topk < logits.shape[-1]:
-      top = torch.topk(logits, self.topk + 1, dim=-1).values
-      gap = (top[..., -2] - top[..., -1]).min()
+      kth = torch.topk(logits, self.topk, dim=-1).values[..., -1:]
+      below = torch.where(logits < kth, logits, torch.full_like(logits, -math.inf))
+      gap = (kth[..., 0] - below.max(dim=-1).values).min()
       self.margins.append(float(gap / logits.abs().max()))
     return torch.topk(logits, self.topk, dim=-1).indices
 
@@ -168,11 +185,13 @@ class BiLevelRoutingAttention(nn.Module):
 
   q, k, v come from one Linear; each query region attends to the tokens of its `topk` routed
   regions; a depthwise conv of v (LCE, `lepe`) is added before the output Linear `wo`.
+  auto_pad (official): x is zero-padded to multiples of n_win first, the output cropped.
   """
 
-  def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int):
+  def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int,
+               auto_pad: bool):
     super().__init__()
-    self.dim, self.num_heads, self.n_win = dim, num_heads, n_win
+    self.dim, self.num_heads, self.n_win, self.auto_pad = dim, num_heads, n_win, auto_pad
     self.scale = dim ** -0.5
     self.lepe = nn.Conv2d(dim, dim, side_dwconv, padding=side_dwconv // 2, groups=dim)
     self.router = TopkRouter(dim, topk)
@@ -180,6 +199,9 @@ class BiLevelRoutingAttention(nn.Module):
     self.wo = nn.Linear(dim, dim)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
+    h_in, w_in = x.shape[1:3]
+    if self.auto_pad:
+      x = _pad_to_regions(x, self.n_win)
     n, h, w, c = x.shape
     q, k, v = self.qkv(x)
     q_r, k_r, v_r = (_to_regions(t, self.n_win) for t in (q, k, v))
@@ -189,7 +211,7 @@ class BiLevelRoutingAttention(nn.Module):
                                self.num_heads, self.scale)
     out = _from_regions(out.reshape(n, self.n_win ** 2, -1, c), self.n_win, h, w)
     lepe = self.lepe(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-    return self.wo(out + lepe)
+    return self.wo(out + lepe)[:, :h_in, :w_in]
 
 
 class DeformableBiLevelRoutingAttention(nn.Module):
@@ -202,12 +224,16 @@ class DeformableBiLevelRoutingAttention(nn.Module):
      depthwise conv of v; unifyheads1, residual on x~, a ConvMlp residual, LayerNorm.
   3. Every full-resolution q attends to all deformable tokens (proj_k, proj_v of step 2's
      output) with a bias sampled from `rpe_table` at the query-to-token displacement; proj_out.
+  auto_pad (official): x is zero-padded to multiples of n_win first; the sampled tokens, their
+  strided LCE term and the points are padded again (zeros) to multiples of n_win before step 2,
+  which runs on that grid; step 3 attends to all of it; the output is cropped.
   """
 
   def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int,
-               groups: int, offset_kernel: int, stride: int, mlp_ratio: int, rpe_size: int):
+               groups: int, offset_kernel: int, stride: int, mlp_ratio: int, rpe_size: int,
+               auto_pad: bool):
     super().__init__()
-    self.dim, self.num_heads, self.n_win = dim, num_heads, n_win
+    self.dim, self.num_heads, self.n_win, self.auto_pad = dim, num_heads, n_win, auto_pad
     self.groups, self.stride = groups, stride
     self.scale = dim ** -0.5
     group_channels = dim // groups
@@ -258,6 +284,9 @@ class DeformableBiLevelRoutingAttention(nn.Module):
     return bias.reshape(n, self.num_heads, height * width, hk * wk)
 
   def forward(self, x: torch.Tensor) -> torch.Tensor:
+    h_in, w_in = x.shape[1:3]
+    if self.auto_pad:
+      x = _pad_to_regions(x, self.n_win)
     n, h, w, c = x.shape
     x = x.permute(0, 3, 1, 2)
     q, k, v = self.qkv_conv(x)
@@ -267,6 +296,12 @@ class DeformableBiLevelRoutingAttention(nn.Module):
     sampled = F.grid_sample(x.reshape(n * self.groups, c // self.groups, h, w), points.flip(-1),
                             mode='bilinear', padding_mode='zeros', align_corners=True)
     sampled = sampled.reshape(n, c, hk, wk)
+    lepe = self.lepe1(v)
+    if self.auto_pad:  # the deformable grid is padded again (zeros; points (0, 0))
+      nhwc = lambda t: _pad_to_regions(t.permute(0, 2, 3, 1), self.n_win).permute(0, 3, 1, 2)
+      sampled, lepe = nhwc(sampled), nhwc(lepe)
+      points = _pad_to_regions(points, self.n_win)
+      hk, wk = points.shape[1:3]
 
     q_def = _to_regions(self.proj_q(sampled).permute(0, 2, 3, 1), self.n_win)
     k_r, v_r = (_to_regions(t.permute(0, 2, 3, 1), self.n_win) for t in (k, v))
@@ -275,7 +310,7 @@ class DeformableBiLevelRoutingAttention(nn.Module):
     out = _multihead_attention(q_def.flatten(0, 1), k_sel.flatten(0, 1), v_sel.flatten(0, 1),
                                self.num_heads, self.scale)
     out = _from_regions(out.reshape(n, self.n_win ** 2, -1, c), self.n_win, hk, wk)
-    out = out.permute(0, 3, 1, 2) + self.lepe1(v)
+    out = out.permute(0, 3, 1, 2) + lepe
     tokens = sampled + self.unifyheads1(out)
     tokens = tokens + self.mlp(self.norm2(tokens.permute(0, 2, 3, 1)).permute(0, 3, 1, 2))
     tokens = self.norm(tokens.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
@@ -286,7 +321,7 @@ class DeformableBiLevelRoutingAttention(nn.Module):
     out = _multihead_attention(q.flatten(2).transpose(1, 2), keys, values, self.num_heads,
                                self.scale, bias)
     out = out.transpose(1, 2).reshape(n, c, h, w)
-    return self.proj_out(out).permute(0, 2, 3, 1)
+    return self.proj_out(out).permute(0, 2, 3, 1)[:, :h_in, :w_in]
 
 
 class Block(nn.Module):
@@ -303,7 +338,7 @@ class Block(nn.Module):
     dbra = dict(dim=dim, num_heads=heads, n_win=cfg.n_win, side_dwconv=cfg.side_dwconv,
                 groups=cfg.offset_groups[stage], offset_kernel=cfg.offset_kernels[stage],
                 stride=cfg.offset_strides[stage], mlp_ratio=cfg.dbra_mlp_ratios[stage],
-                rpe_size=cfg.rpe_sizes[stage])
+                rpe_size=cfg.rpe_sizes[stage], auto_pad=cfg.auto_pad)
     topk1, topk2 = cfg.stage_topk(cfg.topk1[stage]), cfg.stage_topk(cfg.topk2[stage])
 
     self.pos_embed1 = nn.Conv2d(dim, dim, k, padding=k // 2, groups=dim)
@@ -312,7 +347,8 @@ class Block(nn.Module):
     if cfg.attn1_deformable[stage]:
       self.attn1 = DeformableBiLevelRoutingAttention(topk=topk1, **dbra)
     else:
-      self.attn1 = BiLevelRoutingAttention(dim, heads, cfg.n_win, topk1, cfg.side_dwconv)
+      self.attn1 = BiLevelRoutingAttention(dim, heads, cfg.n_win, topk1, cfg.side_dwconv,
+                                           cfg.auto_pad)
     self.attn2 = DeformableBiLevelRoutingAttention(topk=topk2, **dbra)
     self.norm2 = nn.LayerNorm(dim, eps=1e-6)
     self.mlp1 = ConvMlp(dim, cfg.mlp_ratios[stage])
@@ -337,13 +373,16 @@ class Block(nn.Module):
 
 
 class DeBiFormerTorch(nn.Module):
-  """DeBiFormer classifier: conv stem and downsamplings, four stages of Blocks, BatchNorm,
-  global average pool, Linear head. Input (N, in_chans, H, W) float32; output (N, classes)."""
+  """DeBiFormer: conv stem and downsamplings, four stages of Blocks (with norm_outputs each
+  followed by `extra_norms[i]`, a LayerNorm over channels, eps 1e-5); then BatchNorm, global
+  average pool and a Linear head (the classifier), or with `features_only` the stage maps (the
+  official dense backbone). Input (N, in_chans, H, W) float32; output (N, classes) or a tuple
+  of NCHW maps."""
 
-  def __init__(self, cfg: Architecture):
+  def __init__(self, cfg: Architecture, features_only: bool = False):
     super().__init__()
     cfg.validate()
-    self.cfg = cfg
+    self.cfg, self.features_only = cfg, features_only
     widths = cfg.widths
     stem = nn.Sequential(
         nn.Conv2d(cfg.in_chans, widths[0] // 2, 3, stride=2, padding=1),
@@ -362,8 +401,11 @@ class DeBiFormerTorch(nn.Module):
     self.stages = nn.ModuleList(
         nn.Sequential(*(Block(cfg, s, next(rates)) for _ in range(cfg.depths[s])))
         for s in range(cfg.num_stages))
-    self.norm = nn.BatchNorm2d(widths[-1])
-    self.head = nn.Linear(widths[-1], cfg.num_classes)
+    if cfg.norm_outputs:
+      self.extra_norms = nn.ModuleList(ChannelLayerNorm(w, eps=1e-5, attr='ln') for w in widths)
+    if not features_only:
+      self.norm = nn.BatchNorm2d(widths[-1])
+      self.head = nn.Linear(widths[-1], cfg.num_classes)
 
   def _check_input(self, x: torch.Tensor) -> None:
     if x.ndim != 4 or x.shape[1] != self.cfg.in_chans:
@@ -371,23 +413,27 @@ class DeBiFormerTorch(nn.Module):
                        f'got shape {tuple(x.shape)}.')
     self.cfg.check_input_size(x.shape[2], x.shape[3])
 
-  def forward_stages(self, x: torch.Tensor) -> List[torch.Tensor]:
-    """NCHW outputs of downsample_layers[i] followed by stages[i], for every stage i."""
+  def forward_features(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """NCHW outputs of downsample_layers[i] followed by stages[i] (and extra_norms[i]), for
+    every stage i: the official dense backbone's forward_features."""
     self._check_input(x)
     outputs = []
-    for downsample, stage in zip(self.downsample_layers, self.stages):
+    for s, (downsample, stage) in enumerate(zip(self.downsample_layers, self.stages)):
       x = stage(downsample(x))
-      outputs.append(x)
-    return outputs
+      outputs.append(self.extra_norms[s](x) if self.cfg.norm_outputs else x)
+    return tuple(outputs)
 
-  def forward(self, x: torch.Tensor) -> torch.Tensor:
-    features = self.norm(self.forward_stages(x)[-1])
-    return self.head(features.mean(dim=(2, 3)))
+  def forward(self, x: torch.Tensor):
+    features = self.forward_features(x)
+    if self.features_only:
+      return features
+    return self.head(self.norm(features[-1]).mean(dim=(2, 3)))
 
 
-def build_torch_model(cfg: Architecture) -> DeBiFormerTorch:
-  """A PyTorch DeBiFormer for `cfg` with PyTorch default initialisation, in train mode."""
-  return DeBiFormerTorch(cfg)
+def build_torch_model(cfg: Architecture, features_only: bool = False) -> DeBiFormerTorch:
+  """A PyTorch DeBiFormer for `cfg` (the classifier, or the dense backbone with
+  `features_only`) with PyTorch default initialisation, in train mode."""
+  return DeBiFormerTorch(cfg, features_only)
 
 
 def _routers(model: nn.Module) -> List[TopkRouter]:
@@ -398,8 +444,9 @@ def min_routing_margin(model: nn.Module, x: torch.Tensor) -> float:
   """Smallest relative top-k gap of any routing decision in an eval-mode forward pass of x.
 
   For every router call the gap is min over batch elements and query regions of
-  (score_k - score_{k+1}) / max|score|, scores being that call's routing logits. Calls that
-  keep every region have no gap and are skipped; `inf` if no call has one.
+  (score_k - next) / max|score|, scores being that call's routing logits and `next` the largest
+  score strictly below score_k (exact ties are regions of pure padding, see `TopkRouter`).
+  Calls that keep every region have no gap and are skipped; `inf` if no call has one.
   """
   routers = _routers(model)
   was_training = model.training
