@@ -42,13 +42,25 @@ def build_parser() -> argparse.ArgumentParser:
                       '--verify then compares every stage map')
   p.add_argument('--verify', action='store_true',
                  help='run our PyTorch reference and the Flax model on the same input and fail '
-                      'if the logits differ by more than 1e-4 x max(1, max |logit|)')
+                      'if the logits differ by more than 1e-4 x max(1, max |logit|) (Flax on '
+                      "the default backend at matmul precision 'highest'; the error at the "
+                      'default precision is reported too). It proves that the converted file '
+                      'computes what the official model computes with these weights, not that '
+                      'the weights are the right ones (a checkpoint of another run or an '
+                      'untrained one passes too); it fails, naming the tensor, on NaN or inf '
+                      'weights')
+  p.add_argument('--dtype', choices=('float32', 'bfloat16'), default='float32',
+                 help='with --verify, also report the error of the Flax model computing in this '
+                      'dtype (bfloat16: not judged; the verdict is always float32)')
   p.add_argument('--verify-batch', type=int, default=2)
   p.add_argument('--verify-size', type=int, default=224, help='input side for --verify')
   p.add_argument('--seed', type=int, default=0, help='seed of the --verify input')
   p.add_argument('--model-override', type=parse_override, action='append', default=[],
                  metavar='FIELD=VALUE', help='replace a model config field, e.g. depths=(1,1,1,1)')
-  p.add_argument('--overwrite', action='store_true', help='replace a non-empty --output')
+  p.add_argument('--overwrite', action='store_true',
+                 help='replace an earlier conversion in --output (a directory holding '
+                      'debiformer.json); anything else, or one that contains --checkpoint, is '
+                      'refused. The new one is renamed into place only once complete')
   return p
 
 
@@ -60,6 +72,7 @@ def main(argv=None) -> int:
   from debiformer_jax.models import get_architecture
 
   try:
+    weights.check_output(args.output, overwrite=args.overwrite, keep=(args.checkpoint,))
     cfg = get_architecture(args.model, backbone=args.features_only, **dict(args.model_override))
     state_dict = read_torch_state_dict(args.checkpoint, ema=args.ema)
     if args.features_only:
@@ -67,7 +80,7 @@ def main(argv=None) -> int:
       print(backbone.summary())
       state_dict = backbone.state_dict
     variables = convert_state_dict(state_dict, cfg, features_only=args.features_only)
-  except (ValueError, FileNotFoundError) as e:
+  except (ValueError, FileNotFoundError, FileExistsError) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   count = lambda tree: sum(int(np.prod(v.shape)) for v in _leaves(tree))
@@ -83,14 +96,21 @@ def main(argv=None) -> int:
                  unused=list(backbone.unused), initialised=list(backbone.initialised))
   if args.verify:
     from debiformer_jax.convert.verify import (compare_features, compare_logits,
-                                               torch_model_from_state_dict)
+                                               nonfinite_tensors, torch_model_from_state_dict)
+    nonfinite = nonfinite_tensors(state_dict)
+    if nonfinite:
+      print(f'error: the checkpoint itself holds NaN or inf values, in {"; ".join(nonfinite)}; '
+            f'the conversion is not at fault, and parity cannot be checked. Nothing was '
+            f'written.', file=sys.stderr)
+      return 1
     torch_model = torch_model_from_state_dict(state_dict, cfg, args.features_only)
+    dtype = None if args.dtype == 'float32' else args.dtype
     if args.features_only:
       report = compare_features(torch_model, variables, cfg, batch=args.verify_batch,
-                                size=(args.verify_size,) * 2, seed=args.seed)
+                                size=(args.verify_size,) * 2, seed=args.seed, dtype=dtype)
     else:
       report = compare_logits(torch_model, variables, cfg, batch=args.verify_batch,
-                              image_size=args.verify_size, seed=args.seed)
+                              image_size=args.verify_size, seed=args.seed, dtype=dtype)
     print(report)
     if not report.ok:
       print('error: parity check failed; nothing was written.', file=sys.stderr)
@@ -102,7 +122,7 @@ def main(argv=None) -> int:
   try:
     out = weights.save(args.output, variables, model_name=args.model,
                        architecture=dataclasses.asdict(cfg), overwrite=args.overwrite,
-                       metadata=extra)
+                       metadata=extra, keep=(args.checkpoint,))
   except FileExistsError as e:
     print(f'error: {e}', file=sys.stderr)
     return 2

@@ -438,6 +438,9 @@ def _timed(run) -> float:
 
 
 def benchmark(args) -> Result:
+  for name, least in (('steps', 1), ('warmup', 0), ('batch', 1)):
+    if getattr(args, name) < least:
+      raise ValueError(f'--{name} {getattr(args, name)} must be at least {least}.')
   overrides = dict(args.override)
   size = args.size or (args.resolution, args.resolution)
   if args.features_only and args.mode == 'train':

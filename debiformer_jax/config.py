@@ -15,6 +15,7 @@ working directory, can import it.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 from typing import Any
 
@@ -34,6 +35,13 @@ PREPARE = ('', 'sklearn_digits')
 EVAL_SPLITS = {'imagenet2012': 'validation', 'imagefolder': 'val'}
 # Path fields may say '{workdir}': the run's workdir, filled in by `finalize`.
 PATH_FIELDS = ('data.data_dir', 'data.manual_dir', 'data.folder', 'init_from')
+# Fields a resumed run may change: how it is logged, evaluated, checkpointed, laid out and
+# computed (impl: equal formulations), not what it computes. A prefix ending in '.' covers a
+# group.
+RESUMABLE_FIELDS = ('workdir', 'mode', 'init_from', 'log_every_steps', 'eval_every_epochs',
+                    'checkpoint_every_epochs', 'keep_checkpoints', 'keep_best',
+                    'async_checkpoints', 'sharding', 'fsdp_min_size', 'impl.',
+                    'data.num_parallel_calls', 'data.cache', 'data.download')
 # Architecture fields a config may set; num_classes comes from the dataset.
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(Architecture) if f.name != 'num_classes')
 
@@ -165,6 +173,31 @@ def finalize(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.
   return config
 
 
+def config_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list, list]:
+  """(changes of fields that change what a run means, changes of RESUMABLE_FIELDS) between a
+  saved config.json (parsed) and `config`, each as 'field: old -> new'."""
+  before, after = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  meaningful, harmless = [], []
+  for key in sorted(set(before) | set(after)):
+    old, new = before.get(key, '(absent)'), after.get(key, '(absent)')
+    if old != new:
+      resumable = any(key == f or (f.endswith('.') and key.startswith(f))
+                      for f in RESUMABLE_FIELDS)
+      (harmless if resumable else meaningful).append(f'{key}: {old!r} -> {new!r}')
+  return meaningful, harmless
+
+
+def _flat(tree: dict, prefix: str = '') -> dict:
+  """{'data.folder': value} for a nested dict."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flat(value, f'{prefix}{key}.'))
+    else:
+      out[prefix + key] = value
+  return out
+
+
 def _is_number(v) -> bool:
   return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, bool)
 
@@ -249,14 +282,36 @@ def validate(config: ml_collections.ConfigDict, workdir: str) -> None:
 
   problems += _data_problems(config.data)
 
-  if config.init_from and not os.path.isdir(config.init_from):
-    bad(f'init_from={config.init_from!r} is not a directory.')
+  problems += _workdir_problems(workdir)
+  if config.init_from:
+    from debiformer_jax import weights  # pylint: disable=g-import-not-at-top
+    source_problem = weights.source_problem(config.init_from)
+    if source_problem:
+      bad(f'init_from={config.init_from!r}: {source_problem}')
   if config.mode == 'eval' and not config.init_from and not _has_checkpoint(workdir):
     bad(f"mode='eval' needs a checkpoint: none in {os.path.join(workdir, 'checkpoints')}; "
         f'set init_from to converted weights or to a training workdir.')
 
   if problems:
     raise ConfigError('invalid config:\n  - ' + '\n  - '.join(problems))
+
+
+def _workdir_problems(workdir: str) -> list[str]:
+  """Whether the job can make and write `workdir` (checkpoints, events, config.json)."""
+  path = os.path.abspath(workdir)
+  if os.path.exists(path) and not os.path.isdir(path):
+    return [f'workdir {path} is a file: give a directory (it holds checkpoints and TensorBoard '
+            f'events).']
+  existing = path
+  while not os.path.exists(existing):
+    existing = os.path.dirname(existing)
+  if not os.path.isdir(existing):
+    return [f'workdir {path} cannot be created: {existing} is a file, not a directory.']
+  if not os.access(existing, os.W_OK | os.X_OK):
+    what = 'is' if existing == path else f'cannot be created in {existing}, which is'
+    return [f'workdir {path} {what} not writable by this user: choose a directory you can '
+            f'write to, or change its permissions.']
+  return []
 
 
 def _has_checkpoint(workdir: str) -> bool:

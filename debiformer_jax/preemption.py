@@ -1,9 +1,11 @@
 """Preemption notices turned into a stop at one step that every process agrees on.
 
-A notice is SIGTERM (the scheduler's, or Cloud TPU's) or SIGUSR1 (SLURM's warning before the time
-limit). With one process a Python handler notes it. With several (jax.distributed initialised,
-its preemption service on, the default) JAX's notifier owns SIGTERM and JAX's preemption sync
-point picks the step; SIGUSR1 is passed on to that notifier as SIGTERM.
+A notice is SIGTERM (the scheduler's, or Cloud TPU's), SIGUSR1 (SLURM's warning before the time
+limit) or a first SIGINT (Ctrl-C); a second SIGINT stops at once (KeyboardInterrupt), losing the
+steps since the last checkpoint. With one process a Python handler notes a notice. With several
+(jax.distributed initialised, its preemption service on, the default) JAX's notifier owns SIGTERM
+and JAX's preemption sync point picks the step; SIGUSR1 and SIGINT are passed on to that notifier
+as SIGTERM.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 from absl import logging
 from jax.experimental import multihost_utils
 
-_NOTICE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+_NOTICE_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
 class PreemptionWatcher:
@@ -24,6 +26,7 @@ class PreemptionWatcher:
   def __init__(self):
     self._distributed = jax.distributed.is_initialized()
     self._noticed = False
+    self._interrupted = False  # A first SIGINT came.
     self._stop = False
     self._previous: dict[int, Any] = {}
 
@@ -42,7 +45,13 @@ class PreemptionWatcher:
     self._previous.clear()
 
   def _on_notice(self, signum: int, frame: Any) -> None:
-    del signum, frame
+    del frame
+    if signum == signal.SIGINT:
+      if self._interrupted:
+        raise KeyboardInterrupt
+      self._interrupted = True
+      logging.warning('Ctrl-C: saving a checkpoint at the next step, then stopping; press '
+                      'Ctrl-C again to stop at once without saving.')
     self._noticed = True
     if self._distributed:
       signal.raise_signal(signal.SIGTERM)

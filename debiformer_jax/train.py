@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any
@@ -87,8 +88,9 @@ def train_length(config: ml_collections.ConfigDict, num_train: int) -> tuple[int
   """(steps_per_epoch, total_steps)."""
   steps_per_epoch = num_train // config.global_batch_size
   if steps_per_epoch < 1:
-    raise ValueError(f'global_batch_size={config.global_batch_size} is larger than the '
-                     f'{num_train} training examples.')
+    raise config_lib.ConfigError(
+        f'global_batch_size={config.global_batch_size} is larger than the {num_train} '
+        f'training examples of {config.data.name}: use a global batch of at most {num_train}.')
   if config.num_train_steps > 0:
     return steps_per_epoch, config.num_train_steps
   return steps_per_epoch, max(1, int(round(config.num_epochs * steps_per_epoch)))
@@ -262,13 +264,17 @@ def evaluate(compiled_eval_step, variables: dict, config: ml_collections.ConfigD
 # The loop.
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       allow_config_change: bool = False,
                        stop_at_step: int | None = None) -> dict:
   """Trains with periodic evaluation and checkpoints; resumes from `workdir` if it has one.
 
+  A resumed run must have the config saved in the workdir (config.json) up to harmless fields
+  (`config.RESUMABLE_FIELDS`); other changes are a ConfigError unless `allow_config_change`.
   `stop_at_step` ends the run after that step as if the job were interrupted (tests).
-  SIGTERM / SIGUSR1 (or, with several processes, JAX's preemption sync point) do the same for
-  real: every process stops at the same step, that step is checkpointed, and the run returns
-  normally; relaunching resumes from it.
+  SIGTERM / SIGUSR1 / a first Ctrl-C (or, with several processes, JAX's preemption sync point)
+  do the same for real: every process stops at the same step, that step is checkpointed, and
+  the run returns normally; relaunching resumes from it. A checkpoint that cannot be written
+  stops the run with checkpointing.CheckpointSaveError.
   Returns {'state', 'train_loss': {step: loss}, 'eval': {step: metrics},
   'preempted_at': the step saved on preemption, else None}.
   """
@@ -284,6 +290,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                        keep=config.keep_checkpoints, keep_best=config.keep_best,
                                        async_save=config.async_checkpoints)
   if manager.latest_step() is not None:
+    _check_resumed_config(job, manager.latest_step(), allow_config_change)
     state = checkpointing.restore(manager, abstract_state)
     _log_chief('Resumed from %s at step %d.', manager.directory, int(state.step))
   else:
@@ -335,6 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
       batch = sharding.host_to_global(next(train_iter), mesh)
       state, metrics = compiled_train_step(state, batch)
+      checkpointing.check_saved(manager)  # A failed background save stops the run here.
       pending.append(metrics)
       if job.is_chief:
         progress(step)
@@ -370,7 +378,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if interrupted:
         break
 
-  manager.wait_until_finished()
+  checkpointing.check_saved(manager, block=True)
   manager.close()
   writer.flush()
   if history['preempted_at'] is not None and job.is_chief:
@@ -379,6 +387,33 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                     manager.directory)
   history['state'] = state
   return history
+
+
+def _check_resumed_config(job: Job, step: int, allow_change: bool) -> None:
+  """Compares the config with the one saved in the workdir (ConfigError if it changed what the
+  run means, unless `allow_change`); an accepted change keeps the old file beside the new."""
+  path = os.path.join(job.workdir, 'config.json')
+  try:
+    with open(path) as f:
+      saved = json.load(f)
+  except FileNotFoundError:  # Checkpoints from before config.json was written, or moved.
+    return
+  meaningful, harmless = config_lib.config_changes(saved, job.config)
+  if harmless:
+    _log_chief('Resuming with changed settings that do not change the run: %s.',
+               '; '.join(harmless))
+  if not meaningful:
+    return
+  if not allow_change:
+    raise config_lib.ConfigError(
+        f'the config differs from the one {job.workdir} was trained with (config.json) in '
+        f'fields that change what the run means:\n  - ' + '\n  - '.join(meaningful)
+        + f'\nUse a new workdir for a new run, or pass --allow_config_change to continue '
+        f'this one from step {step} with the new values.')
+  if job.is_chief:
+    logging.warning('Continuing from step %d with a changed config (--allow_config_change): '
+                    '%s.', step, '; '.join(meaningful))
+    os.replace(path, os.path.join(job.workdir, f'config.until_step_{step}.json'))
 
 
 def evaluate_checkpoint(config: ml_collections.ConfigDict, workdir: str) -> dict:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Any, Mapping
 
 import jax
@@ -44,51 +45,115 @@ def abstract_variables(model) -> dict:
   return jax.eval_shape(lambda rng: init_variables(model, rng), jax.random.PRNGKey(0))
 
 
-def save(directory: str, variables: Mapping[str, Any], *, model_name: str,
-         architecture: Mapping[str, Any], overwrite: bool = False,
-         metadata: Mapping[str, Any] | None = None) -> str:
-  """Writes converted `variables` and debiformer.json to `directory` (made absolute).
+def check_output(directory: str, *, overwrite: bool = False,
+                 keep: tuple[str, ...] = ()) -> str:
+  """The absolute `directory` if `save` may write there, else FileExistsError saying why.
 
-  Refuses a non-empty `directory` unless `overwrite`, which deletes it first.
+  A new or empty directory is fine; with `overwrite`, so is an earlier conversion (it holds
+  METADATA_FILE and none of the `keep` paths, e.g. the checkpoint being converted).
   """
   directory = os.path.abspath(directory)
-  if os.path.exists(directory) and (not os.path.isdir(directory) or os.listdir(directory)):
-    if not overwrite:
-      raise FileExistsError(f'{directory} exists and is not empty; choose another output '
-                            f'directory or pass overwrite=True (--overwrite) to replace it.')
-    shutil.rmtree(directory) if os.path.isdir(directory) else os.remove(directory)
-  os.makedirs(directory, exist_ok=True)
+  for path in keep:
+    path = os.path.realpath(path)
+    if os.path.commonpath([path, os.path.realpath(directory)]) == os.path.realpath(directory):
+      raise FileExistsError(f'{directory} contains {path}, which is being converted; write the '
+                            f'conversion to a directory of its own.')
+  if not os.path.exists(directory) or (os.path.isdir(directory) and not os.listdir(directory)):
+    return directory
+  if not overwrite:
+    raise FileExistsError(f'{directory} exists and is not empty; choose another output '
+                          f'directory or pass overwrite=True (--overwrite) to replace an earlier '
+                          f'conversion there.')
+  if not os.path.isfile(os.path.join(directory, METADATA_FILE)):
+    raise FileExistsError(f'{directory} is not an earlier conversion (it has no {METADATA_FILE}),'
+                          f' so --overwrite does not replace it; choose another output directory.')
+  return directory
+
+
+def save(directory: str, variables: Mapping[str, Any], *, model_name: str,
+         architecture: Mapping[str, Any], overwrite: bool = False,
+         metadata: Mapping[str, Any] | None = None, keep: tuple[str, ...] = ()) -> str:
+  """Writes converted `variables` and debiformer.json to `directory` (made absolute).
+
+  Checks `directory` with `check_output` first. Everything is written to a temporary sibling
+  that is renamed into place when complete, so an earlier conversion is replaced only by a
+  complete one, and an interrupted save leaves no half-written output.
+  """
+  directory = check_output(directory, overwrite=overwrite, keep=keep)
+  parent, name = os.path.split(directory)
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=f'.{name}.writing-', dir=parent)
+  try:
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes it readable by its owner only.
+    _write(staging, variables, model_name=model_name, architecture=architecture,
+           metadata=metadata)
+    replaced = None
+    if os.path.exists(directory):  # An earlier conversion (check_output) or an empty folder.
+      replaced = tempfile.mkdtemp(prefix=f'.{name}.replaced-', dir=parent)
+      os.replace(directory, os.path.join(replaced, name))
+    try:
+      os.replace(staging, directory)
+    except BaseException:
+      if replaced is not None:
+        os.replace(os.path.join(replaced, name), directory)
+      raise
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  if replaced is not None:
+    shutil.rmtree(replaced)
+  return directory
+
+
+def _write(directory: str, variables: Mapping[str, Any], *, model_name: str,
+           architecture: Mapping[str, Any], metadata: Mapping[str, Any] | None) -> None:
+  """variables/ (orbax) and then debiformer.json into the existing `directory`."""
   tree = {'params': variables['params'], 'batch_stats': variables.get('batch_stats', {})}
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(os.path.join(directory, VARIABLES_DIR), tree)
     ckptr.wait_until_finished()
   meta = {'format': FORMAT, 'version': 1, 'model_name': model_name,
           'model_config': _jsonable(dict(architecture)), **(metadata or {})}
-  tmp = os.path.join(directory, METADATA_FILE + '.tmp')
-  with open(tmp, 'w') as f:
+  with open(os.path.join(directory, METADATA_FILE), 'w') as f:
     json.dump(meta, f, indent=2, sort_keys=True)
-  os.replace(tmp, os.path.join(directory, METADATA_FILE))
-  return directory
+
+
+def source_problem(path: str) -> str | None:
+  """Why `read(path)` would find no weights there (None if it would), in one sentence."""
+  path = os.path.abspath(path)
+  if not os.path.isdir(path):
+    return f'no weights at {path}: the directory does not exist.'
+  if os.path.isfile(os.path.join(path, METADATA_FILE)):
+    return None
+  ckpt_dir, step = _latest_checkpoint(path)
+  if step is None:
+    return (f'{path} holds no training checkpoint (no complete step directory in {ckpt_dir}) '
+            f'and no {METADATA_FILE} of converted weights (an interrupted conversion, or '
+            f'another kind of directory).')
+  return None
+
+
+def _latest_checkpoint(path: str) -> tuple[str, int | None]:
+  """(checkpoint directory, its latest step or None) of a workdir or its checkpoints/."""
+  ckpt_dir = checkpointing.checkpoint_dir(path)
+  if not os.path.isdir(ckpt_dir):
+    ckpt_dir = path
+  return ckpt_dir, checkpointing.make_manager(ckpt_dir, read_only=True).latest_step()
 
 
 def read(path: str) -> tuple[dict, dict]:
   """(variables as numpy, metadata) of converted weights or of a training workdir."""
   path = os.path.abspath(path)
-  if not os.path.isdir(path):
-    raise FileNotFoundError(f'no weights at {path}: the directory does not exist.')
+  problem = source_problem(path)
+  if problem:
+    raise FileNotFoundError(problem)
   if os.path.isfile(os.path.join(path, METADATA_FILE)):
     with open(os.path.join(path, METADATA_FILE)) as f:
       meta = json.load(f)
     return _variables(_restore_numpy(os.path.join(path, VARIABLES_DIR)), ema=False), meta
-  ckpt_dir = checkpointing.checkpoint_dir(path)
-  if not os.path.isdir(ckpt_dir):
-    ckpt_dir = path
-  step = checkpointing.make_manager(ckpt_dir, read_only=True).latest_step()
-  if step is None:
-    raise FileNotFoundError(
-        f'{path} holds no training checkpoint (no complete step directory in {ckpt_dir}) '
-        f'and no {METADATA_FILE} of converted weights (an interrupted conversion, or another '
-        f'kind of directory).')
+  ckpt_dir, step = _latest_checkpoint(path)
   state = _restore_numpy(os.path.join(ckpt_dir, str(step), checkpointing.STATE_ITEM))
   return _variables(state, ema=True), {'step': step}
 
