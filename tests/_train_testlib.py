@@ -9,9 +9,11 @@ through the environment) turns later compiles of the same program into a file re
 from __future__ import annotations
 
 import atexit
+import contextlib
 import importlib.util
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -179,3 +181,18 @@ def wait_all(procs, timeout: float):
   if failed is None and any(p.returncode != 0 for p in procs):
     failed = 'a process failed'
   return failed
+
+
+@contextlib.contextmanager
+def launched(command: list[str], log_path: str):
+  """`command` as a child process (repo root, unbuffered) writing to `log_path`; killed if it
+  still runs at the end."""
+  with open(log_path, 'w') as log:  # The child holds its own descriptor.
+    proc = subprocess.Popen(command, cwd=REPO, env=subprocess_env(PYTHONUNBUFFERED='1'),
+                            stdout=log, stderr=subprocess.STDOUT)
+  try:
+    yield proc
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+      proc.wait(timeout=30)

@@ -11,7 +11,6 @@ import contextlib
 import os
 import re
 import signal
-import subprocess
 import sys
 import time
 
@@ -88,19 +87,9 @@ def _wait(proc, log_path: str, until=None, timeout: float = TIMEOUT) -> str:
     time.sleep(0.05)
 
 
-@contextlib.contextmanager
 def _launched(workdir: str, folder: str, log_path: str):
   """The job as a child process writing to `log_path`; killed if still running at the end."""
-  with open(log_path, 'w') as log:  # The child holds its own descriptor.
-    proc = subprocess.Popen(_command(workdir, folder), cwd=lib.REPO,
-                            env=lib.subprocess_env(PYTHONUNBUFFERED='1'), stdout=log,
-                            stderr=subprocess.STDOUT)
-  try:
-    yield proc
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait(timeout=30)
+  return lib.launched(_command(workdir, folder), log_path)
 
 
 def test_sigterm_saves_the_current_step_and_the_relaunch_resumes(tmp_path):

@@ -6,7 +6,6 @@ are injected with a file where a directory must be, truncated files and signals 
 process; the one permission test is skipped as root.
 """
 
-import contextlib
 import json
 import os
 import re
@@ -381,19 +380,6 @@ def _command(workdir: str, folder: str, checkpoint_every_epochs: float) -> list[
           f'--config.checkpoint_every_epochs={checkpoint_every_epochs}']
 
 
-@contextlib.contextmanager
-def _launched(command, log_path: str):
-  with open(log_path, 'w') as log:
-    proc = subprocess.Popen(command, cwd=lib.REPO, env=lib.subprocess_env(PYTHONUNBUFFERED='1'),
-                            stdout=log, stderr=subprocess.STDOUT)
-  try:
-    yield proc
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-      proc.wait(timeout=30)
-
-
 def _wait(proc, log_path: str, until=None, timeout: float = TIMEOUT) -> str:
   deadline = time.monotonic() + timeout
   while True:
@@ -418,7 +404,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_at_once(tmp_path, fo
   five-minute wait."""
   workdir = tmp_path / 'run'
   log_path = str(tmp_path / 'log')
-  with _launched(_command(str(workdir), folder, 4), log_path) as proc:
+  with lib.launched(_command(str(workdir), folder, 4), log_path) as proc:
     log = _wait(proc, log_path, until=lambda log: _last_step(log) >= 1)
     assert proc.poll() is None, log[-4000:]
     ckpt_dir = workdir / 'checkpoints'
@@ -438,7 +424,7 @@ def test_a_checkpoint_that_cannot_be_written_stops_training_at_once(tmp_path, fo
 def test_first_ctrl_c_saves_the_step_and_exits_cleanly(tmp_path, folder):
   workdir = tmp_path / 'run'
   log_path = str(tmp_path / 'log')
-  with _launched(_command(str(workdir), folder, 1000), log_path) as proc:
+  with lib.launched(_command(str(workdir), folder, 1000), log_path) as proc:
     log = _wait(proc, log_path, until=lambda log: _last_step(log) >= 2)
     assert proc.poll() is None, log[-4000:]
     proc.send_signal(signal.SIGINT)

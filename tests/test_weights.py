@@ -118,8 +118,12 @@ def test_save_refuses_to_overwrite(tmp_path):
   with pytest.raises(FileExistsError, match='exists and is not empty'):
     weights.save(str(target), variables, model_name='m', architecture={})
   assert (target / 'something').read_text() == 'precious'
+  with pytest.raises(FileExistsError, match='is not an earlier conversion'):
+    weights.save(str(target), variables, model_name='m', architecture={}, overwrite=True)
+  assert (target / 'something').read_text() == 'precious'
+  (target / 'something').unlink()
+  weights.save(str(target), variables, model_name='m', architecture={})
   weights.save(str(target), variables, model_name='m', architecture={}, overwrite=True)
-  assert not (target / 'something').exists()
   assert json.loads((target / 'debiformer.json').read_text())['model_name'] == 'm'
   loaded, _ = weights.read(str(target))
   np.testing.assert_array_equal(loaded['params']['w'], np.ones((2, 2)))
