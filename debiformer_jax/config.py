@@ -84,6 +84,9 @@ def defaults() -> ml_collections.ConfigDict:
   c.data.shuffle_buffer = 16384
   c.data.cache = False  # Keep this process's encoded images in memory.
   c.data.num_parallel_calls = -1  # -1 = AUTOTUNE.
+  # Undecodable images are skipped (each named once in the log, counted in the metrics) until
+  # more than this fraction of a split's files fail; 0 = strict: stop at the first, naming it.
+  c.data.max_undecodable_fraction = 0.001
 
   # Targets, on device in the train step (mixup.py): timm's Mixup in batch mode.
   c.mixup = ml_collections.ConfigDict()
@@ -377,4 +380,7 @@ def _data_problems(d: ml_collections.ConfigDict) -> list[str]:
   if not _is_int(d.num_parallel_calls) or not (d.num_parallel_calls == -1
                                                or d.num_parallel_calls >= 1):
     bad('num_parallel_calls', 'must be -1 (AUTOTUNE) or a positive integer')
+  if not _is_number(d.max_undecodable_fraction) or not 0 <= d.max_undecodable_fraction < 1:
+    bad('max_undecodable_fraction', 'must be a fraction in [0, 1) (0: stop at the first '
+        'undecodable image)')
   return problems

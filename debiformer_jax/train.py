@@ -360,6 +360,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         scalars['train/images_per_sec'] = ((step - last_step) * config.global_batch_size
                                            / (time.perf_counter() - last_time))
         scalars['train/epoch'] = step / steps_per_epoch
+        # Examples this process skipped so far because their image could not be decoded.
+        scalars['train/skipped_images'] = train_iter.undecodable.skipped
         writer.write_scalars(step, scalars)
 
       eval_metrics = None

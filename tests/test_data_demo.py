@@ -89,3 +89,15 @@ def test_digits_through_the_pipeline(digits_root):
   assert (info.num_train, info.num_eval) == (1438, 359)
   batch = next(iter(ip.create_eval_iterator(cfg, global_batch_size=8, image_size=32)))
   assert batch['image'].shape == (8, 32, 32, 3) and batch['mask'].sum() == 8
+
+
+
+def test_prepared_folder_has_normal_permissions(tmp_path, monkeypatch):
+  """The folder follows the umask like any other directory (mkdtemp would give 0700)."""
+  monkeypatch.setattr(demo, '_write', lambda *args: {'train': 0, 'val': 0})
+  umask = os.umask(0o022)
+  try:
+    root = demo.prepare_digits_imagefolder(str(tmp_path / 'digits'))
+  finally:
+    os.umask(umask)
+  assert os.stat(root).st_mode & 0o777 == 0o755

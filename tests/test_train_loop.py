@@ -161,11 +161,14 @@ def test_imagefolder_finetune_and_eval_from_the_command_line(imagenet_runs, tmp_
   with pytest.raises(config_lib.ConfigError, match=r'image_size=48: .*auto_pad=True'):
     config_lib.finalize(lib.small_config(image_size=48), str(tmp_path / 'refused'))
   folder = lib.write_jpeg_folder(str(tmp_path / 'images'), train_per_class=8, val_per_class=3)
+  broken = os.path.join(folder, 'train', 'cat', '0.jpg')
+  with open(broken, 'wb') as f:  # Skipped, named once, counted.
+    f.write(b'not a jpeg' * 10)
   workdir = str(tmp_path / 'workdir')
   common = ['--config=configs/demo.py', f'--workdir={workdir}', '--config.data.prepare=',
             f'--config.data.folder={folder}', '--config.global_batch_size=8',
             '--config.data.num_parallel_calls=2', '--config.image_size=48',
-            '--config.model.auto_pad=True']
+            '--config.model.auto_pad=True', '--config.data.max_undecodable_fraction=0.1']
   result = _main(common + ['--config.num_train_steps=4', '--config.log_every_steps=2',
                            '--config.eval_every_epochs=1',
                            f'--config.init_from={imagenet_runs["dir_a"]}'])
@@ -182,6 +185,8 @@ def test_imagefolder_finetune_and_eval_from_the_command_line(imagenet_runs, tmp_
   scalars = lib.read_scalars(workdir)
   assert scalars['eval/num_examples'] == {3: 9.0, 4: 9.0}  # 24 train / 8 = 3 steps per epoch.
   assert sorted(scalars['train/loss']) == [2, 3, 4]  # Every 2 steps, and before each eval.
+  assert log.count(f'Skipping image {broken}') == 1, log[-4000:]
+  assert scalars['train/skipped_images'][4] >= 1  # 32 examples drawn from 24: once or twice.
   assert checkpointing.make_manager(checkpointing.checkpoint_dir(workdir),
                                     read_only=True).latest_step() == 4
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 
 import numpy as np
 
@@ -92,7 +92,9 @@ def prepare_digits_imagefolder(root: str, *, size: int = 32, val_fraction: float
                           f'delete it or choose another data.folder.')
   parent = os.path.dirname(root)
   os.makedirs(parent, exist_ok=True)
-  tmp = tempfile.mkdtemp(prefix=os.path.basename(root) + '.tmp-', dir=parent)
+  # os.mkdir honours the umask (mkdtemp would make the folder readable by its owner only).
+  tmp = os.path.join(parent, f'{os.path.basename(root)}.tmp-{uuid.uuid4().hex}')
+  os.mkdir(tmp)
   try:
     counts = _write(tmp, size, val_fraction, seed)
     with open(os.path.join(tmp, MARKER), 'w') as f:

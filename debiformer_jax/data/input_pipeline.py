@@ -27,6 +27,7 @@ import os
 from typing import Iterator, List, Optional, Tuple
 
 import jax
+from absl import logging
 import numpy as np
 import tensorflow as tf
 import tensorflow_datasets as tfds
@@ -140,11 +141,21 @@ class _Source:
 
   def record_dataset(self, split: str, process_index: int, process_count: int,
                      count: int) -> tf.data.Dataset:
-    """tfds records of the shard as (encoded image, label), in file order."""
+    """tfds records of the shard as (encoded image, label, name), in file order; the name is
+    the record's `file_name` (imagenet2012 has one), else '<split> record <index>'."""
     subsplit = tfds.even_splits(split, n=process_count)[process_index]
     ds = self.builder.as_dataset(split=subsplit, shuffle_files=False,
                                  decoders={'image': tfds.decode.SkipDecoding()})
-    return ds.map(_plain(lambda ex: (ex['image'], ex['label']))).take(count)
+    first = sum(self.shard_sizes(split, 'train_split', process_count)[:process_index])
+    has_name = 'file_name' in self.builder.info.features
+
+    def fields(ex, i):
+      name = ex['file_name'] if has_name else tf.strings.format(
+          '{} record {}', (split, i + first))
+      return ex['image'], ex['label'], name
+
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(_FOREVER)))
+    return ds.map(_plain(fields)).take(count)
 
 
 def _imagefolder_builder(root: str):
@@ -158,7 +169,21 @@ def _imagefolder_builder(root: str):
   if not builder.info.splits:
     raise FileNotFoundError(f'data.folder={root!r} has no split sub-folders; expected '
                             f'{root}/<split>/<class>/<image>.')
+  _warn_empty_classes(root, builder)
   return builder
+
+
+def _warn_empty_classes(root: str, builder) -> None:
+  """Warns about each class folder of a split that holds no image (it still gets a label)."""
+  for split in builder.info.splits.keys():
+    present = {ex.label for ex in getattr(builder, '_split_examples', {}).get(split, [])}
+    split_dir = os.path.join(root, split)
+    for name in sorted(tf.io.gfile.listdir(split_dir)):
+      name = name.rstrip('/')
+      if tf.io.gfile.isdir(os.path.join(split_dir, name)) and name not in present:
+        logging.warning('ImageFolder class folder %s holds no .jpg/.jpeg/.png image; its '
+                        'class still takes a label. Add images or remove the folder.',
+                        os.path.join(split_dir, name))
 
 
 def _tfds_builder(cfg):
@@ -243,10 +268,96 @@ def _seed_int(key: tf.Tensor) -> tf.Tensor:
                                      dtype=tf.int64)
 
 
+def _skipping_undecodable(ds: tf.data.Dataset, preprocess, placeholder: dict,
+                          parallelism) -> tf.data.Dataset:
+  """Maps `preprocess(*element[:-1])` over elements whose last field is the image's name.
+
+  An element whose preprocessing fails (an image that does not decode) becomes `placeholder`
+  instead, so positions in the stream never shift. Every output gets 'ok' (bool) and 'name'.
+  """
+
+  def one(*element):
+    name = element[-1]
+    done = tf.data.Dataset.from_tensors(element[:-1]).map(
+        _plain(lambda *e: dict(preprocess(*e), ok=True, name=name))).ignore_errors()
+    failed = tf.data.Dataset.from_tensors(dict(placeholder, ok=False, name=name))
+    return done.concatenate(failed).take(1)
+
+  return ds.interleave(_plain(one), cycle_length=_cycle_length(parallelism), block_length=1,
+                       num_parallel_calls=parallelism, deterministic=True)
+
+
+def _cycle_length(parallelism) -> int:
+  return (os.cpu_count() or 1) if parallelism == tf.data.AUTOTUNE else parallelism
+
+
+class UndecodableImages:
+  """Names, counts and limits the images of a split that could not be decoded (host side).
+
+  Each file is logged once. More than `max_fraction` of the split's `num_examples` distinct
+  undecodable files (with max_fraction 0: the first one) stops the run with a ValueError.
+  """
+
+  def __init__(self, split: str, num_examples: int, max_fraction: float):
+    self.split = split
+    self.num_examples = num_examples
+    self.max_fraction = max_fraction
+    self.names = set()
+    self.skipped = 0  # Examples skipped so far (a file counts again in every epoch).
+
+  def check(self, batch: dict) -> np.ndarray:
+    """Pops 'ok' and 'name' from a numpy batch; returns 'ok' (bool [B])."""
+    ok, names = batch.pop('ok'), batch.pop('name')
+    for name in names[~ok]:
+      self.skipped += 1
+      name = name.decode('utf-8', 'replace')
+      if name in self.names:
+        continue
+      self.names.add(name)
+      if self.max_fraction == 0:
+        raise ValueError(f'cannot decode image {name} (split {self.split!r}); remove or '
+                         f'replace it, or set data.max_undecodable_fraction > 0 to skip '
+                         f'such images.')
+      logging.warning('Skipping image %s of split %r: it cannot be decoded.', name,
+                      self.split)
+      if len(self.names) > self.max_fraction * self.num_examples:
+        raise ValueError(
+            f'{len(self.names)} images of split {self.split!r} cannot be decoded (the last: '
+            f'{name}), more than data.max_undecodable_fraction={self.max_fraction} of its '
+            f'{self.num_examples}; check the dataset, or raise the fraction.')
+    return ok
+
+
+class TrainIterator:
+  """The train batches; `undecodable` names and counts the images skipped so far.
+
+  A skipped image's place in its batch holds a copy of the batch's first decodable example,
+  so batches keep their size and `start_step` stays exact.
+  """
+
+  def __init__(self, batches: Iterator[dict], undecodable: UndecodableImages):
+    self.batches = batches
+    self.undecodable = undecodable
+
+  def __iter__(self) -> 'TrainIterator':
+    return self
+
+  def __next__(self) -> dict:
+    batch = next(self.batches)
+    ok = self.undecodable.check(batch)
+    if not ok.all():
+      if not ok.any():
+        raise ValueError(f'no image of a batch of split {self.undecodable.split!r} can be '
+                         f'decoded; check the dataset.')
+      keep = np.where(ok, np.arange(len(ok)), np.argmax(ok))
+      batch = {k: v[keep] for k, v in batch.items()}
+    return batch
+
+
 def create_train_iterator(data_config, *, global_batch_size: int, image_size: int,
                           seed: int, start_step: int = 0,
                           process_index: Optional[int] = None,
-                          process_count: Optional[int] = None) -> Iterator[dict]:
+                          process_count: Optional[int] = None) -> TrainIterator:
   """Infinite iterator of augmented train batches for this process (see module doc).
 
   `start_step=n` yields exactly the batches an uninterrupted iterator yields from its
@@ -285,7 +396,8 @@ def create_train_iterator(data_config, *, global_batch_size: int, image_size: in
 
   if source.is_folder:
     paths, labels = source.folder_examples(cfg.train_split, index, count)
-    contents = _read_all(paths) if cfg.cache else tf.constant(paths.astype(str), tf.string)
+    names = tf.constant(paths.astype(str), tf.string)
+    contents = _read_all(paths) if cfg.cache else names
     labels = tf.constant(labels)
 
     def fetch(position):
@@ -295,7 +407,7 @@ def create_train_iterator(data_config, *, global_batch_size: int, image_size: in
       data = tf.gather(contents, j)
       if not cfg.cache:
         data = tf.io.read_file(data)
-      return preprocess(data, tf.gather(labels, j), position)
+      return data, tf.gather(labels, j), position, tf.gather(names, j)
 
     ds = tf.data.Dataset.range(start, _FOREVER).map(
         _plain(fetch), num_parallel_calls=_parallelism(cfg))
@@ -313,12 +425,15 @@ def create_train_iterator(data_config, *, global_batch_size: int, image_size: in
 
     first_epoch, offset = divmod(start, n)
     ds = tf.data.Dataset.range(first_epoch, _FOREVER).flat_map(epoch).skip(offset)
-    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(start, _FOREVER)))
-    ds = ds.map(_plain(lambda record, position: preprocess(record[0], record[1], position)),
-                num_parallel_calls=_parallelism(cfg))
+    ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(start, _FOREVER))).map(
+        _plain(lambda record, position: (record[0], record[1], position, record[2])))
 
+  placeholder = {'image': tf.zeros([image_size, image_size, 3], tf.float32),
+                 'label': tf.constant(0, tf.int32)}
+  ds = _skipping_undecodable(ds, preprocess, placeholder, _parallelism(cfg))
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
-  return ds.with_options(_options()).as_numpy_iterator()
+  undecodable = UndecodableImages(cfg.train_split, n, cfg.max_undecodable_fraction)
+  return TrainIterator(ds.with_options(_options()).as_numpy_iterator(), undecodable)
 
 
 class EvalIterable:
@@ -328,14 +443,17 @@ class EvalIterable:
   """
 
   def __init__(self, dataset: tf.data.Dataset, num_batches: int, num_examples: int,
-               local_examples: int):
+               local_examples: int, undecodable: UndecodableImages):
     self.dataset = dataset
     self.num_batches = num_batches
     self.num_examples = num_examples  # In the whole split, over all processes.
     self.local_examples = local_examples  # Real examples of this process.
+    self.undecodable = undecodable  # An image that cannot be decoded gets mask 0.
 
   def __iter__(self) -> Iterator[dict]:
-    return self.dataset.as_numpy_iterator()
+    for batch in self.dataset.as_numpy_iterator():
+      batch['mask'] = batch['mask'] * self.undecodable.check(batch)
+      yield batch
 
   def __len__(self) -> int:
     return self.num_batches
@@ -359,26 +477,28 @@ def create_eval_iterator(data_config, *, global_batch_size: int, image_size: int
     return {'image': augment.normalize(image), 'label': tf.cast(label, tf.int32),
             'mask': tf.constant(1.0, tf.float32)}
 
-  padding = tf.data.Dataset.from_tensors({
-      'image': tf.zeros([image_size, image_size, 3], tf.float32),
-      'label': tf.constant(0, tf.int32),
-      'mask': tf.constant(0.0, tf.float32)}).repeat(num_batches * local_batch - n)
+  placeholder = {'image': tf.zeros([image_size, image_size, 3], tf.float32),
+                 'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0, tf.float32)}
+  padding = tf.data.Dataset.from_tensors(dict(placeholder, ok=True, name='')).repeat(
+      num_batches * local_batch - n)
   if n == 0:
     ds = padding
   else:
     if source.is_folder:
       paths, labels = source.folder_examples(cfg.eval_split, index, count)
+      names = paths.astype(str)
       if cfg.cache:
-        records = tf.data.Dataset.from_tensor_slices((_read_all(paths), labels))
+        records = tf.data.Dataset.from_tensor_slices((_read_all(paths), labels, names))
       else:
-        records = tf.data.Dataset.from_tensor_slices((paths.astype(str), labels)).map(
-            _plain(lambda path, label: (tf.io.read_file(path), label)))
+        records = tf.data.Dataset.from_tensor_slices((names, labels, names)).map(
+            _plain(lambda path, label, name: (tf.io.read_file(path), label, name)))
     else:
       records = source.record_dataset(cfg.eval_split, index, count, n)
       if cfg.cache:
         records = records.cache()
-    ds = records.map(_plain(preprocess), num_parallel_calls=_parallelism(cfg))
+    ds = _skipping_undecodable(records, preprocess, placeholder, _parallelism(cfg))
     ds = ds.concatenate(padding)
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
+  undecodable = UndecodableImages(cfg.eval_split, max(n, 1), cfg.max_undecodable_fraction)
   return EvalIterable(ds.with_options(_options()), num_batches,
-                      source.num_examples(cfg.eval_split, 'eval_split'), n)
+                      source.num_examples(cfg.eval_split, 'eval_split'), n, undecodable)
