@@ -108,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
                  help='input height x width (e.g. 512x683); replaces --resolution')
   p.add_argument('--features-only', action='store_true',
                  help='the dense backbone (official segmentation settings), inference only')
-  p.add_argument('--mode', choices=('inference', 'train'), default='inference')
+  p.add_argument('--mode', choices=('inference', 'train', 'eval'), default='inference',
+                 help="'eval': the training loop's eval step (with --topology only)")
   p.add_argument('--dtype', choices=tuple(config_lib.DTYPES), default='float32',
                  help='compute dtype; parameters, softmax and norms stay float32')
   p.add_argument('--steps', type=int, default=10, help='timed steps')
@@ -128,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--profile', metavar='DIR',
                  help='trace two extra steps into DIR and print the time per model part')
   p.add_argument('--seed', type=int, default=0)
+  tpu = p.add_argument_group('TPU compile (debiformer_jax.tpu_compile; needs libtpu, no TPU)')
+  tpu.add_argument('--topology', metavar='TOPO',
+                   help="compile for a Cloud TPU slice instead of running here, e.g. 'v5e:2x2'")
+  tpu.add_argument('--per-chip-batch', type=int, default=64)
+  tpu.add_argument('--sharding', choices=config_lib.SHARDINGS, default='dp')
+  tpu.add_argument('--max-batch', action='store_true',
+                   help='find the largest per-chip batch that fits, from --per-chip-batch up')
   return p
 
 
@@ -160,15 +168,16 @@ class Memory:
                alias=size('alias'))
 
 
-def xla_flops(compiled) -> Optional[float]:
-  """FLOPs of one run of `compiled` by XLA's cost model, if the backend gives them."""
+def xla_cost(compiled, key: str) -> Optional[float]:
+  """`key` ('flops', 'bytes accessed') of one run of `compiled` by XLA's cost model, if the
+  backend gives it."""
   try:
     cost = compiled.cost_analysis()
   except Exception:  # Some backends do not implement it.
     return None
   if isinstance(cost, (list, tuple)):
     cost = cost[0] if cost else None
-  return float(cost['flops']) if cost and 'flops' in cost else None
+  return float(cost[key]) if cost and key in cost else None
 
 
 def residual_bytes(model, batch: int, size: Tuple[int, int]) -> Optional[int]:
@@ -486,7 +495,7 @@ def benchmark(args) -> Result:
       batch=args.batch, size=size, dtype=args.dtype, backend=jax.default_backend(),
       device=device.device_kind, implementation=dataclasses.asdict(impl.resolve()),
       warmup=args.warmup, times=Times(times), compile_s=compile_s,
-      xla_flops=xla_flops(compiled),
+      xla_flops=xla_cost(compiled, 'flops'),
       analytic_macs=forward_macs(cfg, *size, head=not args.features_only)['total'],
       memory=Memory.of(compiled),
       residual_bytes=residual_bytes(model, args.batch, size) if train_mode else None,
@@ -565,7 +574,13 @@ def format_table(r: Result) -> str:
 
 def main(argv=None) -> int:
   args = build_parser().parse_args(argv)
+  if args.topology:
+    from debiformer_jax import tpu_compile  # It imports this module's helpers.
+    return tpu_compile.main(args)
   try:
+    if args.mode == 'eval':
+      raise ValueError("--mode eval compiles the training loop's eval step for a TPU slice: "
+                       'add --topology (e.g. v5e:2x2), or use --mode inference here.')
     result = benchmark(args)
   except ValueError as e:
     print(f'error: {e}', file=sys.stderr)

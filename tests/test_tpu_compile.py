@@ -1,0 +1,35 @@
+"""The demo configuration's train step compiled for a v5e:2x2 slice by libtpu (no TPU needed)."""
+
+import importlib.util
+
+import pytest
+
+from debiformer_jax import tpu_compile
+from tests._train_testlib import load_config_file
+
+pytestmark = pytest.mark.skipif(importlib.util.find_spec('libtpu') is None,
+                                reason='libtpu is not installed (pip install "jax[tpu]")')
+
+
+def demo(sharding):
+  c = load_config_file('demo')
+  c.sharding, c.fsdp_min_size = sharding, 2 ** 12  # Demo params are small: shard them anyway.
+  return c
+
+
+def test_dp_step_all_reduces_the_gradients():
+  r = tpu_compile.compile_step(demo('dp'), 'v5e:2x2', 'train', 16, num_classes=10)
+  assert r.num_chips == 4 and r.memory.temp > 0 and r.memory.argument > 0 and r.hbm > 0
+  assert r.hlo['collectives']['all-reduce']['bytes'] >= r.memory.argument // 4
+  assert 'all-gather' not in r.hlo['collectives']
+
+
+def test_fsdp_step_gathers_and_reduce_scatters():
+  r = tpu_compile.compile_step(demo('fsdp'), 'v5e:2x2', 'train', 16, num_classes=10)
+  assert r.hlo['collectives']['all-gather']['count'] > 0
+  assert r.hlo['collectives']['reduce-scatter']['count'] > 0
+
+
+def test_impossible_batch_names_the_fixes():
+  with pytest.raises(tpu_compile.DoesNotFit, match='--remat.*smaller batch'):
+    tpu_compile.compile_step(demo('dp'), 'v5e:2x2', 'train', 2 ** 16, num_classes=10)
