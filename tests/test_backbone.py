@@ -183,7 +183,8 @@ def test_cli_converts_an_mmseg_checkpoint_lists_what_it_ignores_and_verifies(
   assert 'mmsegmentation / mmdetection' in captured.out
   assert ('ignored 2 tensor(s) that are not part of the backbone: '
           'auxiliary_head.conv_seg.bias, decode_head.conv_seg.weight') in captured.out
-  assert 'parity OK: max |feature difference| stage 0' in captured.out
+  assert "matmul precision 'highest'): max |feature difference| stage 0:" in captured.out
+  assert 'parity OK' in captured.out
   variables, meta = weights.read(str(out))
   assert meta['features_only'] and meta['ignored'] == ['auxiliary_head.conv_seg.bias',
                                                        'decode_head.conv_seg.weight']
