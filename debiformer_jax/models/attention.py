@@ -37,6 +37,20 @@ class RoutedAttention(nn.Module):
   impl: Implementation
   dtype: Dtype
 
+  def capture(self, name: str, value_fn) -> None:
+    """Sows value_fn() into 'intermediates' only when the caller asked for that collection
+    (`mutable=['intermediates']`); otherwise nothing is computed, so the forward is unchanged.
+
+    Names: 'r_idx' (N, n_win**2, topk) routed key regions in descending score order; DBRA's
+    'pos' (N, G, Hk, Wk, 2) clamped deformable positions (y, x), align_corners=True, and
+    'attn' (N, heads, H, W, Hg, Wg) the last attention of every (padded) query pixel over the
+    (padded) deformable grid.
+    """
+    if self.is_mutable_collection('intermediates'):
+      value = value_fn()
+      if value is not None:
+        self.sow('intermediates', name, value)
+
 
 def pad_to_regions(x, p: int):
   """(N, H, W, C) zero-padded at the bottom/right to sides that are multiples of p; x itself
@@ -70,10 +84,11 @@ class BRA(RoutedAttention):
     q, k, v = jnp.split(qkv, 3, axis=-1)
     lepe = DepthwiseConv(self.side_dwconv, dwconv=self.impl.dwconv, dtype=self.dtype,
                          name='lepe')(v)
-    out = routing.bilevel_attention(q, k, v, n_win=self.n_win, heads=self.num_heads,
-                                    topk=self.topk, scale=c ** -0.5,
-                                    region_gather=self.impl.region_gather,
-                                    dense_routing=self.impl.dense_routing)
+    out, r_idx = routing.bilevel_attention(q, k, v, n_win=self.n_win, heads=self.num_heads,
+                                           topk=self.topk, scale=c ** -0.5,
+                                           region_gather=self.impl.region_gather,
+                                           dense_routing=self.impl.dense_routing)
+    self.capture('r_idx', lambda: r_idx)
     return crop_to(Dense(c, dtype=self.dtype, name='wo')(out + lepe), h, w)
 
 
@@ -123,6 +138,7 @@ class DBRA(RoutedAttention):
     off = Dense(1, use_bias=False, dtype=self.dtype, name='offset_proj')(off)  # (N*G, Hk, Wk, 1)
     hk = off.shape[1]
     pos = jnp.clip(_reference_points(hk, off.shape[2]) + off.astype(jnp.float32), -1.0, 1.0)
+    self.capture('pos', lambda: rearrange(pos, '(n g) h w yx -> n g h w yx', g=g))
 
     x_groups = rearrange(x, 'n h w (g c) -> (n g) h w c', g=g).astype(jnp.float32)
     x_tilde = sample(x_groups, rearrange(pos, 'ng h w yx -> ng (h w) yx'))  # (N*G, Hk*Wk, Cg)
@@ -134,9 +150,10 @@ class DBRA(RoutedAttention):
 
     # Bi-level routing attention of the deformable queries over the full-resolution k, v.
     q_def = Dense(c, dtype=self.dtype, name='proj_q')(x_tilde)  # (N, Hg, Wg, C)
-    out = routing.bilevel_attention(q_def, k, v, n_win=p, heads=heads, topk=self.topk,
-                                    scale=scale, region_gather=impl.region_gather,
-                                    dense_routing=impl.dense_routing)
+    out, r_idx = routing.bilevel_attention(q_def, k, v, n_win=p, heads=heads, topk=self.topk,
+                                           scale=scale, region_gather=impl.region_gather,
+                                           dense_routing=impl.dense_routing)
+    self.capture('r_idx', lambda: r_idx)
     o = x_tilde + Dense(c, dtype=self.dtype, name='unifyheads')(out + lepe)
     o = o + ConvMLP(self.mlp_ratio, impl.dwconv, self.dtype, name='mlp')(
         layer_norm(1e-6, self.dtype, 'mlp_norm')(o))
@@ -151,6 +168,9 @@ class DBRA(RoutedAttention):
     bias = rpe_bias(rpe_table, rearrange(pos, '(n g) h w yx -> n g (h w) yx', g=g), h, w,
                     impl.sampling)
     out = routing.multihead_attention(tokens(q), k2, v2, heads, scale, bias)
+    self.capture('attn', lambda: rearrange(
+        routing.attention_weights(tokens(q), k2, heads, scale, bias),
+        'n m (h w) (i j) -> n m h w i j', h=h, i=o.shape[1]))
     out = rearrange(out, 'n (h w) c -> n h w c', h=h)
     return crop_to(Dense(c, dtype=self.dtype, name='proj_out')(out), h_in, w_in)
 

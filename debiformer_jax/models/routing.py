@@ -17,7 +17,7 @@ def route(q_regions, k_regions, topk: int, scale: float):
 
   q_regions, k_regions: (N, R, C) region-mean queries and keys. Logits are
   (q * scale) @ k^T computed in float32; routing is not differentiable (inputs detached), and
-  only the selected set matters, so the order of the indices is irrelevant.
+  only the selected set matters to the output; the indices come in descending score order.
   """
   q = lax.stop_gradient(q_regions).astype(jnp.float32)
   k = lax.stop_gradient(k_regions).astype(jnp.float32)
@@ -31,9 +31,14 @@ def multihead_attention(q, k, v, heads: int, scale: float, bias=None):
   q: (..., Lq, C); k, v: (..., Lk, C) with the same leading axes as q;
   bias: optional (..., m, Lq, Lk). Logits and softmax in float32. Returns (..., Lq, C).
   """
-  to_heads = lambda a: rearrange(a, '... t (m c) -> ... m t c', m=heads)
+  to_heads = lambda a: _split_heads(a, heads)
   out = attend(to_heads(q * scale), to_heads(k), to_heads(v), bias=bias)  # (..., m, Lq, c/m)
   return rearrange(out, '... m t c -> ... t (m c)')
+
+
+def _split_heads(a, heads: int):
+  """(..., T, m*c) -> (..., m, T, c)."""
+  return rearrange(a, '... t (m c) -> ... m t c', m=heads)
 
 
 def attend(q, k, v, bias=None, mask=None):
@@ -51,6 +56,14 @@ def attend(q, k, v, bias=None, mask=None):
     logits = jnp.where(mask, logits, -jnp.inf)
   attn = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum('...qk,...kc->...qc', attn, v)
+
+
+def attention_weights(q, k, heads: int, scale: float, bias=None):
+  """The softmax weights (..., m, Lq, Lk), float32, that `multihead_attention` applies to v
+  (same arguments, without v)."""
+  logits = jnp.einsum('...qc,...kc->...qk', _split_heads(q * scale, heads),
+                      _split_heads(k, heads), preferred_element_type=jnp.float32)
+  return jax.nn.softmax(logits if bias is None else logits + bias, axis=-1)
 
 
 def region_means(x, p: int):
@@ -105,7 +118,8 @@ def bilevel_attention(q, k, v, *, n_win: int, heads: int, topk: int, scale: floa
   key regions (region means of q and k, `route`).
 
   q: (N, Hq, Wq, C) queries; k, v: (N, H, W, C); both maps split into n_win x n_win regions.
-  Returns (N, Hq, Wq, C). Three formulations, the same numbers:
+  Returns ((N, Hq, Wq, C), the routed region indices (N, p*p, topk) in descending score order,
+  or None where topk covers every region). Three formulations, the same numbers:
     topk == regions: plain attention over every token (no routing);
     dense (`routing_is_dense`): all logits, non-routed regions masked out of the softmax;
     otherwise the routed regions' keys and values are gathered (`region_gather`).
@@ -118,6 +132,7 @@ def bilevel_attention(q, k, v, *, n_win: int, heads: int, topk: int, scale: floa
   tq, t = qh.shape[3], kh.shape[3]
   flat = lambda a: rearrange(a, 'n m r t c -> n m (r t) c')
   unflat = lambda a: rearrange(a, 'n m (r t) c -> n m r t c', r=r)
+  idx = None
   if topk >= r:
     out = unflat(attend(flat(qh), flat(kh), flat(vh)))
   else:
@@ -130,4 +145,4 @@ def bilevel_attention(q, k, v, *, n_win: int, heads: int, topk: int, scale: floa
     else:
       kv = gather_regions(jnp.stack([kh, vh]), idx, region_gather)
       out = attend(qh, kv[0], kv[1])
-  return from_head_regions(out, p, hq, wq)
+  return from_head_regions(out, p, hq, wq), idx

@@ -29,7 +29,7 @@ from torch import nn
 from debiformer_jax.models.architecture import Architecture
 
 __all__ = ['DeBiFormerTorch', 'build_torch_model', 'min_routing_margin', 'clear_routing_input',
-           'randomize_']
+           'randomize_', 'routing_internals']
 
 
 def _to_regions(x: torch.Tensor, n_win: int) -> torch.Tensor:
@@ -161,6 +161,7 @@ class TopkRouter(nn.Module):
   appends its smallest (score_k - next) / max|score|, `next` being the largest score strictly
   below score_k (see `min_routing_margin`): exact ties are only those of regions made entirely
   of auto_pad padding, which hold identical tokens, so which of them is picked cannot matter.
+  While `recorded` is a list, every call appends its indices (`routing_internals`).
   """
 
   def __init__(self, qk_dim: int, topk: int):
@@ -168,6 +169,7 @@ class TopkRouter(nn.Module):
     self.topk = topk
     self.scale = qk_dim ** -0.5
     self.margins: Optional[List[float]] = None
+    self.recorded: Optional[List[torch.Tensor]] = None
 
   def forward(self, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     """query, key: (N, P, C) region descriptors -> (N, P, topk) key-region indices."""
@@ -177,7 +179,10 @@ class TopkRouter(nn.Module):
       below = torch.where(logits < kth, logits, torch.full_like(logits, -math.inf))
       gap = (kth[..., 0] - below.max(dim=-1).values).min()
       self.margins.append(float(gap / logits.abs().max()))
-    return torch.topk(logits, self.topk, dim=-1).indices
+    indices = torch.topk(logits, self.topk, dim=-1).indices
+    if self.recorded is not None:
+      self.recorded.append(indices)
+    return indices
 
 
 class BiLevelRoutingAttention(nn.Module):
@@ -227,6 +232,8 @@ class DeformableBiLevelRoutingAttention(nn.Module):
   auto_pad (official): x is zero-padded to multiples of n_win first; the sampled tokens, their
   strided LCE term and the points are padded again (zeros) to multiples of n_win before step 2,
   which runs on that grid; step 3 attends to all of it; the output is cropped.
+  While `recorded` is a list, every call appends its clamped points before any padding
+  (`routing_internals`).
   """
 
   def __init__(self, dim: int, num_heads: int, n_win: int, topk: int, side_dwconv: int,
@@ -258,6 +265,7 @@ class DeformableBiLevelRoutingAttention(nn.Module):
     self.norm = nn.LayerNorm(dim, eps=1e-6)
     self.norm2 = nn.LayerNorm(dim, eps=1e-6)
     self.mlp = ConvMlp(dim, mlp_ratio)
+    self.recorded: Optional[List[torch.Tensor]] = None
 
   def sample_points(self, q: torch.Tensor) -> torch.Tensor:
     """Deformable positions from q (N, C, H, W): (N*groups, Hk, Wk, 2) as (y, x) in [-1, 1]."""
@@ -292,6 +300,8 @@ class DeformableBiLevelRoutingAttention(nn.Module):
     q, k, v = self.qkv_conv(x)
 
     points = self.sample_points(q)
+    if self.recorded is not None:
+      self.recorded.append(points)
     hk, wk = points.shape[1:3]
     sampled = F.grid_sample(x.reshape(n * self.groups, c // self.groups, h, w), points.flip(-1),
                             mode='bilinear', padding_mode='zeros', align_corners=True)
@@ -462,6 +472,38 @@ def min_routing_margin(model: nn.Module, x: torch.Tensor) -> float:
       router.margins = None
     model.train(was_training)
   return min(margins, default=math.inf)
+
+
+def routing_internals(model: DeBiFormerTorch, x: torch.Tensor) -> dict:
+  """The routing indices and deformable points of an eval-mode forward pass of x, as numpy,
+  named after the official modules: 'stages.{s}.{b}.attn{1,2}/r_idx' (N, n_win**2, topk),
+  in descending score order as torch.topk gives them, for every attention that routes
+  (top-k below the region count), and 'stages.{s}.{b}.attn{1,2}/pos' (N, G, Hk, Wk, 2), the
+  clamped points (y, x) before any auto_pad padding, for every DBRA."""
+  recorders = {}
+  for name, module in model.named_modules():
+    if isinstance(module, TopkRouter) and module.topk < model.cfg.n_win ** 2:
+      recorders[name[:-len('.router')] + '/r_idx'] = module
+    elif isinstance(module, DeformableBiLevelRoutingAttention):
+      recorders[name + '/pos'] = module
+  was_training = model.training
+  model.eval()
+  for module in recorders.values():
+    module.recorded = []
+  try:
+    with torch.no_grad():
+      model(x)
+    out = {}
+    for key, module in recorders.items():
+      value = module.recorded[0]
+      if key.endswith('/pos'):
+        value = value.reshape(x.shape[0], module.groups, *value.shape[1:])
+      out[key] = value.numpy()
+  finally:
+    for module in recorders.values():
+      module.recorded = None
+    model.train(was_training)
+  return out
 
 
 def clear_routing_input(model: nn.Module, shape: Sequence[int], seed: int,
