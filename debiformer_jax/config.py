@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from flax import traverse_util
 from ml_collections import config_dict
 
 from debiformer_jax.models import Architecture, Implementation, get_architecture
@@ -179,7 +180,8 @@ def finalize(config: ml_collections.ConfigDict, workdir: str) -> ml_collections.
 def config_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list, list]:
   """(changes of fields that change what a run means, changes of RESUMABLE_FIELDS) between a
   saved config.json (parsed) and `config`, each as 'field: old -> new'."""
-  before, after = _flat(saved), _flat(json.loads(config.to_json_best_effort()))
+  before = traverse_util.flatten_dict(saved, sep='.')
+  after = traverse_util.flatten_dict(json.loads(config.to_json_best_effort()), sep='.')
   meaningful, harmless = [], []
   for key in sorted(set(before) | set(after)):
     old, new = before.get(key, '(absent)'), after.get(key, '(absent)')
@@ -188,17 +190,6 @@ def config_changes(saved: dict, config: ml_collections.ConfigDict) -> tuple[list
                       for f in RESUMABLE_FIELDS)
       (harmless if resumable else meaningful).append(f'{key}: {old!r} -> {new!r}')
   return meaningful, harmless
-
-
-def _flat(tree: dict, prefix: str = '') -> dict:
-  """{'data.folder': value} for a nested dict."""
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flat(value, f'{prefix}{key}.'))
-    else:
-      out[prefix + key] = value
-  return out
 
 
 def _is_number(v) -> bool:
