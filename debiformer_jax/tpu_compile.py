@@ -44,6 +44,7 @@ from debiformer_jax.models import Implementation
 from debiformer_jax.models.flops import forward_macs
 
 INSTALL = f'pip install "jax[tpu]=={jax.__version__}"'
+LOCKFILE = '/tmp/libtpu_lockfile'  # libtpu's own path; one process may hold it.
 # HBM per chip (GiB) by device kind, first match wins; Google Cloud TPU system architecture
 # pages. The compiler keeps a little for itself (v5e: 15.75 of 16 GiB usable).
 HBM_GIB = (('TPU v6 lite', 32), ('TPU v5 lite', 16), ('TPU v5', 95), ('TPU v4', 32))
@@ -57,6 +58,10 @@ _DTYPE_BYTES = {'pred': 1, 's8': 1, 'u8': 1, 'bf16': 2, 'f16': 2, 's16': 2, 'u16
 
 class LibtpuMissing(RuntimeError):
   """libtpu, XLA's TPU compiler, is not installed."""
+
+
+class LibtpuBusy(RuntimeError):
+  """Another process on this machine holds libtpu's lock; TPU compiles run one at a time."""
 
 
 class DoesNotFit(RuntimeError):
@@ -75,6 +80,11 @@ def topology_devices(name: str) -> List[jax.Device]:
     return list(topologies.get_topology_desc(topology_name=name, platform='tpu',
                                              **kwargs).devices)
   except Exception as e:  # libtpu says INVALID_ARGUMENT / NOT_FOUND in many wordings.
+    if 'lockfile' in str(e):
+      raise LibtpuBusy(f'another process on this machine holds libtpu\'s lock {LOCKFILE} '
+                       f'(libtpu serves one process at a time, so TPU compiles cannot run two '
+                       f'at once); wait for it to finish, or if `fuser {LOCKFILE}` names no '
+                       f'process, remove the stale file.') from e
     raise ValueError(f'--topology {name!r} is not a TPU topology libtpu knows ({e}); use '
                      f"GENERATION:SHAPE, e.g. 'v5e:2x2', 'v6e:2x2', 'v4:2x2x1', 'v5p:2x2x1'.")
 
@@ -367,7 +377,7 @@ def main(args) -> int:
   except DoesNotFit as e:
     print(f'does not fit: {e}', file=sys.stderr)
     return 3
-  except (ValueError, LibtpuMissing) as e:
+  except (ValueError, LibtpuMissing, LibtpuBusy) as e:
     print(f'error: {e}', file=sys.stderr)
     return 2
   print(format_report(compiled))

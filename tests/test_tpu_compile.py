@@ -1,6 +1,9 @@
 """The demo configuration's train step compiled for a v5e:2x2 slice by libtpu (no TPU needed)."""
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -33,3 +36,15 @@ def test_fsdp_step_gathers_and_reduce_scatters():
 def test_impossible_batch_names_the_fixes():
   with pytest.raises(tpu_compile.DoesNotFit, match='--remat.*smaller batch'):
     tpu_compile.compile_step(demo('dp'), 'v5e:2x2', 'train', 2 ** 16, num_classes=10)
+
+
+def test_a_second_process_is_told_the_lock_is_held():
+  tpu_compile.topology_devices('v5e:2x2')  # This process now holds libtpu's lock.
+  code = ('from debiformer_jax import tpu_compile\n'
+          'try:\n'
+          "  tpu_compile.topology_devices('v5e:2x2')\n"
+          'except tpu_compile.LibtpuBusy as e:\n'
+          '  print(e)\n')
+  out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True,
+                       timeout=300, env={**os.environ, 'JAX_PLATFORMS': 'cpu'}).stdout
+  assert f'another process on this machine holds libtpu\'s lock {tpu_compile.LOCKFILE}' in out
