@@ -83,8 +83,10 @@ def topology_devices(name: str) -> List[jax.Device]:
     if 'lockfile' in str(e):
       raise LibtpuBusy(f'another process on this machine holds libtpu\'s lock {LOCKFILE} '
                        f'(libtpu serves one process at a time, so TPU compiles cannot run two '
-                       f'at once); wait for it to finish, or if `fuser {LOCKFILE}` names no '
-                       f'process, remove the stale file.') from e
+                       f'at once; any JAX process holds it where libtpu is installed); wait '
+                       f'for it to finish, or, where no TPU is attached, set '
+                       f'ALLOW_MULTIPLE_LIBTPU_LOAD=1 for this command (libtpu then shares '
+                       f'itself; never on a TPU host whose chips another process uses).') from e
     raise ValueError(f'--topology {name!r} is not a TPU topology libtpu knows ({e}); use '
                      f"GENERATION:SHAPE, e.g. 'v5e:2x2', 'v6e:2x2', 'v4:2x2x1', 'v5p:2x2x1'.")
 
