@@ -187,6 +187,8 @@ def read_image(path: str) -> np.ndarray:
   ValueError naming the file when it is not a readable image.
   """
   from PIL import Image, ImageOps, UnidentifiedImageError  # pylint: disable=g-import-not-at-top
+  if os.path.isfile(path) and os.path.getsize(path) == 0:
+    raise ValueError(f'{path}: an empty file, not an image.')
   try:
     with Image.open(path) as image:
       image.load()
@@ -202,8 +204,8 @@ def read_image(path: str) -> np.ndarray:
   except UnidentifiedImageError:
     raise ValueError(f'{path}: not an image file PIL can read (JPEG, PNG, GIF, BMP, TIFF, '
                      f'WebP, ...).') from None
-  except (OSError, SyntaxError, ValueError) as e:
-    raise ValueError(f'{path}: cannot decode the image ({e}).') from None
+  except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+    raise ValueError(f'{path}: cannot decode the image, truncated or corrupt ({e}).') from None
 
 
 def preprocess(images: Sequence[np.ndarray], preprocessing: Preprocessing) -> np.ndarray:
