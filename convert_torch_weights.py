@@ -69,6 +69,7 @@ def main(argv=None) -> int:
   from debiformer_jax import weights
   from debiformer_jax.convert import (backbone_state_dict, convert_state_dict,
                                       read_torch_state_dict)
+  from debiformer_jax.data import class_names
   from debiformer_jax.models import get_architecture
 
   try:
@@ -91,6 +92,8 @@ def main(argv=None) -> int:
 
   extra = {'source_checkpoint': args.checkpoint, 'ema': args.ema,
            'features_only': args.features_only}
+  if not args.features_only and cfg.num_classes == class_names.IMAGENET_NUM_CLASSES:
+    extra['class_names'] = list(class_names.imagenet())  # What predict prints.
   if args.features_only:
     extra.update(backbone_source=backbone.source, ignored=list(backbone.ignored),
                  unused=list(backbone.unused), initialised=list(backbone.initialised))

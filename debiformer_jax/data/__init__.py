@@ -2,5 +2,6 @@
 
 Modules: `augment` (crop/flip/normalise/erase/eval resize), `randaugment` (timm policies),
 `input_pipeline` (datasets, train/eval iterators), `demo` (the bundled scikit-learn digits
-ImageFolder). Mixup/cutmix run on device in the train step (`debiformer_jax.mixup`).
+ImageFolder), `class_names` (the names stored with the weights). Mixup/cutmix run on device in
+the train step (`debiformer_jax.mixup`).
 """
