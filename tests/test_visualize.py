@@ -89,3 +89,74 @@ def test_dump_matches_the_reference_and_the_full_attention(converted, tmp_path):
   with Image.open(tmp_path / 'fig.png') as fig:
     fig.verify()
     assert fig.format == 'PNG' and min(fig.size) > 100
+
+
+def test_an_image_file_goes_through_the_eval_transform(converted, tmp_path):
+  _, directory = converted
+  photo = tmp_path / 'photo.png'
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (80, 100, 3), np.uint8)).save(photo)
+  assert visualize.main(['--weights', directory, '--image', str(photo), '--query', '0,1',
+                         '--out', str(tmp_path / 'fig.png'),
+                         '--dump', str(tmp_path / 'd.npz')]) == 0
+  dump = dict(np.load(tmp_path / 'd.npz'))
+  clf = classifier.load(directory)
+  full = _captured(directory, classifier.preprocess([classifier.read_image(str(photo))],
+                                                    clf.preprocessing))
+  pixel = (16, 48)  # The centre of region (0, 1) of the 2x2 grid over 64x64.
+  for name, values in full.items():
+    stage = int(name.split('.')[1])
+    for key, value in values.items():
+      if key == 'attn':
+        value = value[:, :, pixel[0] // 2 ** (stage + 2), pixel[1] // 2 ** (stage + 2)]
+      np.testing.assert_allclose(dump[f'{name}/{key}'], value, atol=1e-6, err_msg=name)
+  with Image.open(tmp_path / 'fig.png') as fig:
+    fig.verify()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--query', '2,0'], 'outside the 2x2 region grid'),
+    (['--query', '0,-1'], 'outside the 2x2 region grid'),
+    (['--pixel', '10,64'], 'outside the 64x64 input'),
+])
+def test_a_query_off_the_grid_is_refused(converted, tmp_path, capsys, args, message):
+  _, directory = converted
+  np.save(tmp_path / 'x.npy', np.zeros((1, SIZE, SIZE, 3), np.float32))
+  out = tmp_path / 'fig.png'
+  assert visualize.main(['--weights', directory, '--array', str(tmp_path / 'x.npy'),
+                         '--out', str(out)] + args) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and message in err and not out.exists()
+
+
+@pytest.mark.parametrize('array, message', [
+    (np.zeros((1, SIZE, SIZE, 3), np.float64), 'float64'),
+    (np.zeros((SIZE, SIZE, 3), np.float32), 'add a batch axis'),
+    (np.zeros((1, 3, SIZE, SIZE), np.float32), 'transpose NCHW'),
+])
+def test_an_array_of_another_kind_is_refused(converted, tmp_path, capsys, array, message):
+  _, directory = converted
+  np.save(tmp_path / 'x.npy', array)
+  assert visualize.main(['--weights', directory, '--array', str(tmp_path / 'x.npy'),
+                         '--out', str(tmp_path / 'fig.png')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and message in err
+
+
+def test_a_file_that_is_not_an_image_is_refused(converted, tmp_path, capsys):
+  _, directory = converted
+  notes = tmp_path / 'notes.jpg'
+  notes.write_text('not a picture')
+  assert visualize.main(['--weights', directory, '--image', str(notes),
+                         '--out', str(tmp_path / 'fig.png')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and str(notes) in err
+
+
+def test_an_export_cannot_be_visualised(tmp_path, capsys):
+  (tmp_path / 'export').mkdir()
+  (tmp_path / 'export' / visualize.EXPORT_METADATA).write_text(json.dumps(
+      {'format': 'debiformer-jax-export', 'version': 1}))
+  assert visualize.main(['--weights', str(tmp_path / 'export'), '--image', 'any.png',
+                         '--out', str(tmp_path / 'fig.png')]) == 2
+  err = capsys.readouterr().err
+  assert err.startswith('error: ') and 'exported artifact' in err
