@@ -36,6 +36,7 @@ from clu import metric_writers, periodic_actions
 
 from debiformer_jax import checkpointing, distributed, mixup, preemption, sharding, weights
 from debiformer_jax import config as config_lib
+from debiformer_jax.data import class_names as class_names_lib
 from debiformer_jax.data import input_pipeline
 from debiformer_jax.models import DeBiFormer, get_architecture
 
@@ -326,6 +327,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   if job.is_chief:
     with open(os.path.join(job.workdir, 'config.json'), 'w') as f:
       f.write(config.to_json_best_effort(indent=2))
+    class_names_lib.write(job.workdir, job.data.class_names)
   # Progress, rate and ETA on the console (and steps_per_sec in TensorBoard).
   progress = periodic_actions.ReportProgress(num_train_steps=total_steps, writer=writer,
                                              every_steps=config.log_every_steps, every_secs=None)

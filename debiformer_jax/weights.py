@@ -143,8 +143,25 @@ def _latest_checkpoint(path: str) -> tuple[str, int | None]:
   return ckpt_dir, checkpointing.make_manager(ckpt_dir, read_only=True).latest_step()
 
 
-def read(path: str) -> tuple[dict, dict]:
-  """(variables as numpy, metadata) of converted weights or of a training workdir."""
+def workdir_steps(path: str) -> dict[int, float | None]:
+  """{step: its eval top-1, None without eval metrics} of the checkpoints of a training
+  workdir (or its checkpoints/ folder); FileNotFoundError when it has none."""
+  path = os.path.abspath(path)
+  problem = source_problem(path)
+  if problem:
+    raise FileNotFoundError(problem)
+  manager = checkpointing.make_manager(_latest_checkpoint(path)[0], read_only=True)
+  steps = {}
+  for step in sorted(manager.all_steps()):
+    metrics = manager.metrics(step) or {}
+    top1 = metrics.get(checkpointing.BEST_METRIC)
+    steps[step] = None if top1 is None else float(top1)
+  return steps
+
+
+def read(path: str, step: int | None = None) -> tuple[dict, dict]:
+  """(variables as numpy, metadata) of converted weights or of a training workdir (its
+  checkpoint of `step`, default the latest; metadata {'step': step})."""
   path = os.path.abspath(path)
   problem = source_problem(path)
   if problem:
@@ -153,7 +170,12 @@ def read(path: str) -> tuple[dict, dict]:
     with open(os.path.join(path, METADATA_FILE)) as f:
       meta = json.load(f)
     return _variables(_restore_numpy(os.path.join(path, VARIABLES_DIR)), ema=False), meta
-  ckpt_dir, step = _latest_checkpoint(path)
+  ckpt_dir, latest = _latest_checkpoint(path)
+  if step is None:
+    step = latest
+  elif not os.path.isdir(os.path.join(ckpt_dir, str(step))):
+    raise ValueError(f'{ckpt_dir} has no checkpoint of step {step}; its steps are '
+                     f'{", ".join(map(str, workdir_steps(path)))}.')
   state = _restore_numpy(os.path.join(ckpt_dir, str(step), checkpointing.STATE_ITEM))
   return _variables(state, ema=True), {'step': step}
 

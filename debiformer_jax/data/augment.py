@@ -26,6 +26,18 @@ FILL_RGB = (124, 116, 104)
 _CROP_ATTEMPTS = 10
 
 
+def _hide_accelerators_from_tf() -> None:
+  """Keeps TensorFlow (these ops run on the host) off GPUs/TPUs: they belong to JAX."""
+  for kind in ('GPU', 'TPU'):
+    try:
+      tf.config.set_visible_devices([], kind)
+    except (RuntimeError, ValueError):  # Already initialised, or no such device type.
+      pass
+
+
+_hide_accelerators_from_tf()
+
+
 def split_seed(seed: tf.Tensor, num: int) -> tf.Tensor:
   """`num` independent stateless seeds ([num, 2]) derived from one seed ([2])."""
   return tf.random.experimental.stateless_split(seed, num)
@@ -276,3 +288,9 @@ def resize_shorter_center_crop(image: tf.Tensor, size: int, crop_pct: float = 0.
   out = resized[top:top + size, left:left + size]
   out.set_shape([size, size, 3])
   return out
+
+
+def eval_image(image: tf.Tensor, size: int, crop_pct: float = 0.875) -> tf.Tensor:
+  """The eval transform, in one place: uint8 [H, W, 3] (or encoded bytes) -> float32
+  normalised [size, size, 3] (`resize_shorter_center_crop`, then `normalize`)."""
+  return normalize(resize_shorter_center_crop(image, size, crop_pct))

@@ -33,19 +33,9 @@ import tensorflow as tf
 import tensorflow_datasets as tfds
 
 from debiformer_jax.data import augment
+from debiformer_jax.data import class_names as class_names_lib
 from debiformer_jax.data import randaugment
 
-
-def _hide_accelerators_from_tf() -> None:
-  """Keeps TensorFlow off GPUs/TPUs: they belong to JAX."""
-  for kind in ('GPU', 'TPU'):
-    try:
-      tf.config.set_visible_devices([], kind)
-    except (RuntimeError, ValueError):  # Already initialised, or no such device type.
-      pass
-
-
-_hide_accelerators_from_tf()
 
 _FOREVER = 2 ** 62
 
@@ -207,14 +197,15 @@ def _tfds_builder(cfg):
 
 
 def dataset_info(config) -> DatasetInfo:
-  """Sizes and class count of the configured dataset (prepares the demo folder first)."""
+  """Sizes, class count and class names (human-readable for imagenet2012) of the configured
+  dataset (prepares the demo folder first)."""
   source = _Source(config)
   return DatasetInfo(
       num_classes=len(source.class_names),
       num_train=source.num_examples(config.train_split, 'train_split'),
       num_eval=source.num_examples(config.eval_split, 'eval_split'),
       train_split=config.train_split, eval_split=config.eval_split,
-      class_names=source.class_names)
+      class_names=class_names_lib.for_dataset(config.name, source.class_names))
 
 
 # ---------------------------------------------------------------------------------------
@@ -473,8 +464,8 @@ def create_eval_iterator(data_config, *, global_batch_size: int, image_size: int
   num_batches = -(-max(sizes) // local_batch)
 
   def preprocess(data, label):
-    image = augment.resize_shorter_center_crop(data, image_size, cfg.eval_crop_pct)
-    return {'image': augment.normalize(image), 'label': tf.cast(label, tf.int32),
+    return {'image': augment.eval_image(data, image_size, cfg.eval_crop_pct),
+            'label': tf.cast(label, tf.int32),
             'mask': tf.constant(1.0, tf.float32)}
 
   placeholder = {'image': tf.zeros([image_size, image_size, 3], tf.float32),
