@@ -6,6 +6,7 @@
   python -m debiformer_jax.benchmark --mode train --profile /tmp/debiformer-trace
   python -m debiformer_jax.benchmark --model debi_small --features-only --size 512x512 \
       --batch 2 --compare-torch
+  python -m debiformer_jax.benchmark --mode input --batch 32 --steps 16 --compare-timm
 
 Inference is a jitted forward pass (eval mode). Train is the training loop's own step
 (`train.train_step` with the ImageNet recipe: mixup/cutmix, label smoothing, drop path,
@@ -30,6 +31,9 @@ inference, cross-entropy and a torch AdamW step for train (no mixup or clipping:
 less work than ours). JAX and torch steps alternate, so both see the same machine load; the
 speed-up is given for the median steps and for the best (least disturbed) steps. The last
 line of output is one JSON object with every number.
+
+--mode input times the host's training and eval input pipelines on synthetic JPEGs (and, with
+--compare-timm, timm's DataLoader on the same files): see debiformer_jax/input_benchmark.py.
 
 --profile DIR traces two more steps with `jax.profiler` into DIR (open it with TensorBoard's
 profile plugin or Perfetto) and prints where the step time goes: every XLA op's time, summed
@@ -60,7 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from debiformer_jax import config as config_lib
-from debiformer_jax import train, weights
+from debiformer_jax import input_benchmark, train, weights
 from debiformer_jax.models import Implementation, create_model, get_architecture
 from debiformer_jax.models.architecture import parse_override, parse_size
 from debiformer_jax.models.flops import forward_macs
@@ -108,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
                  help='input height x width (e.g. 512x683); replaces --resolution')
   p.add_argument('--features-only', action='store_true',
                  help='the dense backbone (official segmentation settings), inference only')
-  p.add_argument('--mode', choices=('inference', 'train', 'eval'), default='inference',
-                 help="'eval': the training loop's eval step (with --topology only)")
+  p.add_argument('--mode', choices=('inference', 'train', 'eval', 'input'), default='inference',
+                 help="'eval': the training loop's eval step (with --topology only); 'input': "
+                      'the host input pipelines (debiformer_jax.input_benchmark)')
   p.add_argument('--dtype', choices=tuple(config_lib.DTYPES), default='float32',
                  help='compute dtype; parameters, softmax and norms stay float32')
   p.add_argument('--steps', type=int, default=10, help='timed steps')
@@ -129,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument('--profile', metavar='DIR',
                  help='trace two extra steps into DIR and print the time per model part')
   p.add_argument('--seed', type=int, default=0)
+  input_benchmark.add_arguments(p)
   tpu = p.add_argument_group('TPU compile (debiformer_jax.tpu_compile; needs libtpu, no TPU)')
   tpu.add_argument('--topology', metavar='TOPO',
                    help="compile for a Cloud TPU slice instead of running here, e.g. 'v5e:2x2'")
@@ -577,6 +583,8 @@ def main(argv=None) -> int:
   if args.topology:
     from debiformer_jax import tpu_compile  # It imports this module's helpers.
     return tpu_compile.main(args)
+  if args.mode == 'input':
+    return input_benchmark.main(args)
   try:
     if args.mode == 'eval':
       raise ValueError("--mode eval compiles the training loop's eval step for a TPU slice: "

@@ -79,10 +79,14 @@ def _bicubic_kernel(x: tf.Tensor) -> tf.Tensor:
   return tf.where(x < 1.0, near, tf.where(x < 2.0, far, tf.zeros_like(x)))
 
 
-def _resample_matrix(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.SparseTensor:
-  """PIL's bicubic resampling weights along one axis as an [out, in] sparse matrix of
-  fixed-point integers (stored as float64): support widened by the scale when shrinking
-  (antialiasing), taps normalised to sum 1, then rounded to 22-bit fixed point."""
+def _resample_weights(in_size: tf.Tensor, out_size: tf.Tensor) -> Tuple[tf.Tensor, tf.Tensor]:
+  """PIL's bicubic resampling weights along one axis: (weights, indices), [out, taps] each.
+
+  Output i is sum_k weights[i, k] * input[indices[i, k]] in 22-bit fixed point (weights are
+  integers stored as float64, indices int32): support widened by the scale when shrinking
+  (antialiasing), taps normalised to sum 1, then rounded as PIL rounds them. Taps past the
+  input's end have weight 0 (their index is clamped).
+  """
   in_f = tf.cast(in_size, tf.float64)
   scale = in_f / tf.cast(out_size, tf.float64)
   filter_scale = tf.maximum(scale, 1.0)
@@ -92,28 +96,26 @@ def _resample_matrix(in_size: tf.Tensor, out_size: tf.Tensor) -> tf.SparseTensor
   xmin = tf.maximum(tf.floor(center - support + 0.5), 0.0)
   xmax = tf.minimum(tf.floor(center + support + 0.5), in_f) - xmin
   taps = tf.cast(tf.range(ksize), tf.float64)[None, :]
-  valid = taps < xmax[:, None]
   w = _bicubic_kernel(((taps + xmin[:, None]) - center[:, None] + 0.5) / filter_scale)
-  w = tf.where(valid, w, 0.0)
+  w = tf.where(taps < xmax[:, None], w, 0.0)
   total = tf.reduce_sum(w, axis=1, keepdims=True)
   w = tf.where(total != 0.0, w / tf.where(total != 0.0, total, 1.0), w)
   one = float(1 << _PRECISION_BITS)
   w = tf.where(w < 0, tf.math.ceil(-0.5 + w * one), tf.floor(0.5 + w * one))
-  rows = tf.broadcast_to(tf.range(out_size)[:, None], tf.shape(w))
-  cols = tf.cast(taps + xmin[:, None], tf.int32)
-  indices = tf.cast(tf.stack([tf.boolean_mask(rows, valid), tf.boolean_mask(cols, valid)],
-                             axis=1), tf.int64)
-  return tf.SparseTensor(indices, tf.boolean_mask(w, valid),
-                         tf.cast(tf.stack([out_size, in_size]), tf.int64))
+  indices = tf.minimum(tf.cast(taps + xmin[:, None], tf.int32), in_size - 1)
+  return w, indices
 
 
 def _resample_rows(image: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
-  """Resamples axis 0 of uint8 [N, M, C] to `out_size` rows, as PIL's 8-bit pass."""
+  """Resamples axis 0 of uint8 [N, M, C] to `out_size` rows, as PIL's 8-bit pass (fixed-point
+  accumulation, rounding offset, floor shift, clip)."""
   shape = tf.shape(image)
-  matrix = _resample_matrix(shape[0], out_size)
+  weights, indices = _resample_weights(shape[0], out_size)
   flat = tf.reshape(tf.cast(image, tf.float64), [shape[0], -1])
-  # Exact: integer weights times 8-bit values stay far below 2**53.
-  acc = tf.sparse.sparse_dense_matmul(matrix, flat) + float(1 << (_PRECISION_BITS - 1))
+  # Exact: integer weights times 8-bit values, summed, stay far below 2**53.
+  taps = tf.gather(flat, indices)  # [out, taps, M*C]
+  acc = tf.linalg.matmul(weights[:, None, :], taps)[:, 0]
+  acc += float(1 << (_PRECISION_BITS - 1))
   out = tf.clip_by_value(tf.floor(acc / float(1 << _PRECISION_BITS)), 0.0, 255.0)
   return tf.reshape(tf.cast(out, tf.uint8), tf.concat([[out_size], shape[1:]], 0))
 
@@ -250,12 +252,16 @@ def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25,
   top = tf.floor(_uniform(s_top, [_CROP_ATTEMPTS]) * (h - eh + 1.0))[first]
   left = tf.floor(_uniform(s_left, [_CROP_ATTEMPTS]) * (w - ew + 1.0))[first]
   eh, ew = eh[first], ew[first]
-  rows = tf.cast(tf.range(shape[0]), tf.float32)[:, None]
-  cols = tf.cast(tf.range(shape[1]), tf.float32)[None, :]
-  inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
   erase = (_uniform(s_do) < prob) & tf.reduce_any(fits)
-  noise = tf.random.stateless_normal(shape, seed=s_noise, dtype=image.dtype)
-  return tf.where((inside & erase)[:, :, None], noise, image)
+
+  def _erased():
+    rows = tf.cast(tf.range(shape[0]), tf.float32)[:, None]
+    cols = tf.cast(tf.range(shape[1]), tf.float32)[None, :]
+    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
+    noise = tf.random.stateless_normal(shape, seed=s_noise, dtype=image.dtype)
+    return tf.where(inside[:, :, None], noise, image)
+
+  return tf.cond(erase, _erased, lambda: image)
 
 
 def eval_resize_size(size: int, crop_pct: float) -> int:
