@@ -29,7 +29,7 @@ import numpy as np
 from debiformer_jax import config as config_lib
 from debiformer_jax import weights
 from debiformer_jax.data import class_names as class_names_lib
-from debiformer_jax.models import Architecture, DeBiFormer, get_architecture
+from debiformer_jax.models import DeBiFormer, get_architecture
 
 ARTIFACT_FILE = 'artifact.json'
 CONFIG_FILE = 'config.json'
@@ -124,10 +124,9 @@ def _load_converted(directory: str, model_name: str | None) -> Classifier:
   num_classes = _head_classes(variables, directory)
   fields = {k: tuple(v) if isinstance(v, list) else v
             for k, v in meta.get('model_config', {}).items()}
-  if model_name:
-    arch = get_architecture(model_name, num_classes=num_classes)
-  else:
-    arch = Architecture(**{**fields, 'num_classes': num_classes}).validate()
+  # The preset, with the fields debiformer.json records unless another model is asked for.
+  arch = get_architecture(model_name or meta['model_name'],
+                          **{**({} if model_name else fields), 'num_classes': num_classes})
   recipe = config_lib.defaults()
   preprocessing = Preprocessing(int(meta.get('image_size', recipe.image_size)),
                                 float(meta.get('crop_pct', recipe.data.eval_crop_pct)))

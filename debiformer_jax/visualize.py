@@ -47,9 +47,8 @@ import sys
 import jax
 import numpy as np
 
+from debiformer_jax import classifier
 from debiformer_jax.data.augment import MEAN_RGB, STD_RGB
-
-EXPORT_METADATA = 'artifact.json'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -304,8 +303,7 @@ def _check_grid(query, pixel, n_win: int, size: int) -> None:
 def run(args) -> str:
   """Does what the command line asks; returns a summary line. ValueError / FileNotFoundError
   for input the user must change."""
-  from debiformer_jax import classifier
-  if os.path.isfile(os.path.join(args.weights, EXPORT_METADATA)):
+  if os.path.isfile(os.path.join(args.weights, classifier.ARTIFACT_FILE)):
     raise ValueError(f'{args.weights} is an exported artifact: it keeps only the compiled '
                      f'forward, not the attention internals. Visualise the training workdir or '
                      f'converted directory it was exported from.')

@@ -154,7 +154,7 @@ def test_a_file_that_is_not_an_image_is_refused(converted, tmp_path, capsys):
 
 def test_an_export_cannot_be_visualised(tmp_path, capsys):
   (tmp_path / 'export').mkdir()
-  (tmp_path / 'export' / visualize.EXPORT_METADATA).write_text(json.dumps(
+  (tmp_path / 'export' / classifier.ARTIFACT_FILE).write_text(json.dumps(
       {'format': 'debiformer-jax-export', 'version': 1}))
   assert visualize.main(['--weights', str(tmp_path / 'export'), '--image', 'any.png',
                          '--out', str(tmp_path / 'fig.png')]) == 2
