@@ -128,3 +128,24 @@ def test_an_export_predicts_what_its_weights_predict(converted, images, tmp_path
     assert [p['class_id'] for p in a['predictions']] == [p['class_id'] for p in b['predictions']]
     np.testing.assert_allclose([p['probability'] for p in a['predictions']],
                                [p['probability'] for p in b['predictions']], atol=1e-5)
+
+
+def test_predict_on_a_trained_demo_workdir_gives_its_eval_accuracy(tmp_path, capsys):
+  """The demo trained briefly on the digits; predict on its held-out PNGs (the val split) from
+  the workdir scores the top-1 accuracy eval reported for that checkpoint."""
+  from debiformer_jax import train
+  from tests import _train_testlib as lib
+  lib.use_compilation_cache()
+  workdir = str(tmp_path / 'demo')
+  run = train.train_and_evaluate(lib.small_config(num_train_steps=40), workdir)
+  assert list(run['eval']) == [40]
+  eval_top1 = run['eval'][40]['eval/top1']
+  val = tmp_path / 'demo' / 'digits' / 'val'
+  assert predict.main(['--weights', workdir, str(val), '--format', 'json', '--topk', '1']) == 0
+  doc = json.loads(capsys.readouterr().out)
+  assert 'step 40' in doc['weights']
+  labels = [r['file'].split('/')[-2] for r in doc['results']]
+  guesses = [r['predictions'][0]['class_name'] for r in doc['results']]
+  assert len(labels) == run['eval'][40]['eval/num_examples'] == 359
+  assert 0.2 < eval_top1 < 1.0  # Trained, not yet perfect: predictions that can disagree.
+  assert np.mean(np.array(labels) == np.array(guesses)) == pytest.approx(eval_top1, abs=1e-6)
