@@ -40,6 +40,18 @@ def test_resize_bicubic_matches_pil_exactly(shape, size):
     np.testing.assert_array_equal(mine, ref)
 
 
+@pytest.mark.parametrize('shape,size,window', [
+    ((37, 50), (20, 31), (3, 5, 12, 20)), ((17, 13), (64, 48), (0, 7, 64, 30)),
+    ((60, 45), (60, 30), (10, 2, 40, 25)), ((40, 33), (24, 33), (5, 4, 16, 20)),
+    ((40, 40), (24, 24), (0, 0, 24, 24))])
+def test_resize_bicubic_window_is_pil_resize_then_crop(shape, size, window):
+  top, left, rows, cols = window
+  for image in (_gradient(*shape), _noise(*shape)):
+    mine = augment.resize_bicubic(image, size[0], size[1], window=window).numpy()
+    ref = np.asarray(Image.fromarray(image).resize((size[1], size[0]), Image.BICUBIC))
+    np.testing.assert_array_equal(mine, ref[top:top + rows, left:left + cols])
+
+
 def test_random_resized_crop_size_and_determinism():
   image = _noise(50, 70)
   for i in range(5):

@@ -106,32 +106,44 @@ def _resample_weights(in_size: tf.Tensor, out_size: tf.Tensor) -> Tuple[tf.Tenso
   return w, indices
 
 
-def _resample_rows(image: tf.Tensor, out_size: tf.Tensor) -> tf.Tensor:
-  """Resamples axis 0 of uint8 [N, M, C] to `out_size` rows, as PIL's 8-bit pass (fixed-point
-  accumulation, rounding offset, floor shift, clip)."""
+def _resample_rows(image: tf.Tensor, weights: tf.Tensor, indices: tf.Tensor) -> tf.Tensor:
+  """Resamples axis 0 of uint8 [N, M, C] with `_resample_weights` rows ([out, taps] each) as
+  PIL's 8-bit pass does: int32 accumulation of integer weights times 8-bit values (exact:
+  |sum| < 2**31, as in PIL), rounding offset, arithmetic shift, clip."""
   shape = tf.shape(image)
-  weights, indices = _resample_weights(shape[0], out_size)
-  flat = tf.reshape(tf.cast(image, tf.float64), [shape[0], -1])
-  # Exact: integer weights times 8-bit values, summed, stay far below 2**53.
-  taps = tf.gather(flat, indices)  # [out, taps, M*C]
-  acc = tf.linalg.matmul(weights[:, None, :], taps)[:, 0]
-  acc += float(1 << (_PRECISION_BITS - 1))
-  out = tf.clip_by_value(tf.floor(acc / float(1 << _PRECISION_BITS)), 0.0, 255.0)
-  return tf.reshape(tf.cast(out, tf.uint8), tf.concat([[out_size], shape[1:]], 0))
+  flat = tf.reshape(image, [shape[0], -1])
+  taps = tf.cast(tf.gather(flat, indices), tf.int32)  # [out, taps, M*C]
+  acc = tf.reduce_sum(taps * tf.cast(weights, tf.int32)[:, :, None], axis=1)
+  acc += 1 << (_PRECISION_BITS - 1)
+  out = tf.clip_by_value(tf.bitwise.right_shift(acc, _PRECISION_BITS), 0, 255)
+  return tf.reshape(tf.cast(out, tf.uint8), tf.concat([tf.shape(indices)[:1], shape[1:]], 0))
 
 
-def resize_bicubic(image: tf.Tensor, height, width) -> tf.Tensor:
+def resize_bicubic(image: tf.Tensor, height, width, window=None) -> tf.Tensor:
   """PIL `Image.resize((width, height), BICUBIC)` of a uint8 [H, W, 3] image, bit-exact:
   horizontal pass, rounding to uint8, then vertical pass; a pass whose size does not
-  change is skipped."""
+  change is skipped.
+
+  `window` (top, left, rows, cols) returns only that part of the resized image, computing
+  only it: the vertical pass' output rows of the window and the input rows they read, the
+  horizontal pass' output columns of the window (the same pixels as resizing, then cropping).
+  """
   image = tf.convert_to_tensor(image, tf.uint8)
   height = tf.convert_to_tensor(height, tf.int32)
   width = tf.convert_to_tensor(width, tf.int32)
+  top, left, rows, cols = (0, 0, height, width) if window is None else window
   shape = tf.shape(image)
+  same_h, same_w = tf.equal(shape[0], height), tf.equal(shape[1], width)
+  v_weights, v_indices = (t[top:top + rows] for t in _resample_weights(shape[0], height))
+  h_weights, h_indices = (t[left:left + cols] for t in _resample_weights(shape[1], width))
+  first = tf.where(same_h, top, tf.reduce_min(v_indices))
+  last = tf.where(same_h, top + rows, tf.reduce_max(v_indices) + 1)
+  slab = image[first:last]
   out = tf.cond(
-      tf.equal(shape[1], width), lambda: image,
-      lambda: tf.transpose(_resample_rows(tf.transpose(image, [1, 0, 2]), width), [1, 0, 2]))
-  out = tf.cond(tf.equal(shape[0], height), lambda: out, lambda: _resample_rows(out, height))
+      same_w, lambda: slab[:, left:left + cols],
+      lambda: tf.transpose(_resample_rows(tf.transpose(slab, [1, 0, 2]), h_weights, h_indices),
+                           [1, 0, 2]))
+  out = tf.cond(same_h, lambda: out, lambda: _resample_rows(out, v_weights, v_indices - first))
   out.set_shape([None, None, 3])
   return out
 
@@ -287,11 +299,9 @@ def resize_shorter_center_crop(image: tf.Tensor, size: int, crop_pct: float = 0.
   scaled = lambda n: tf.cast(tf.floor(target * n / short), tf.int32)
   new_h = tf.where(h <= w, target, scaled(h))
   new_w = tf.where(w <= h, target, scaled(w))
-  resized = tf.cond((new_h == shape[0]) & (new_w == shape[1]), lambda: image,
-                    lambda: resize_bicubic(image, new_h, new_w))
   top = tf.cast(tf.round(tf.cast(new_h - size, tf.float32) / 2.0), tf.int32)
   left = tf.cast(tf.round(tf.cast(new_w - size, tf.float32) / 2.0), tf.int32)
-  out = resized[top:top + size, left:left + size]
+  out = resize_bicubic(image, new_h, new_w, window=(top, left, size, size))
   out.set_shape([size, size, 3])
   return out
 
