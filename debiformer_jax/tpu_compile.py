@@ -109,7 +109,8 @@ def tpu_config(config: ml_collections.ConfigDict, per_chip_batch: int,
   fields = config.impl.to_dict()
   if isinstance(fields['dense_routing'], str) and fields['dense_routing'].isdigit():
     fields['dense_routing'] = int(fields['dense_routing'])
-  config.impl = ml_collections.ConfigDict(dataclasses.asdict(Implementation(**fields).resolve('tpu')))
+  resolved = Implementation(**fields).resolve('tpu')
+  config.impl = ml_collections.ConfigDict(dataclasses.asdict(resolved))
   return config
 
 

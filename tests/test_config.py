@@ -109,7 +109,8 @@ BAD = [
     ('label_smoothing', 1.0, 'label_smoothing=1.0 must be in [0, 1)'),
     ('log_every_steps', 0, 'log_every_steps=0 must be an integer >= 1'),
     ('eval_every_epochs', 0.0, 'eval_every_epochs=0.0 must be > 0'),
-    ('init_from', '/nonexistent/weights', "init_from='/nonexistent/weights': no weights at /nonexistent/weights: the directory does not exist."),
+    ('init_from', '/nonexistent/weights', "init_from='/nonexistent/weights': no weights at "
+     "/nonexistent/weights: the directory does not exist."),
     ('data.name', 'cifar10', "one of ['imagenet2012', 'imagefolder']"),
     ('data.prepare', 'mnist', "one of ['', 'sklearn_digits']"),
     ('data.randaugment', 'rand-m9-bogus', 'rand-m9-mstd0.5-inc1'),

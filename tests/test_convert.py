@@ -16,7 +16,8 @@ from debiformer_jax.convert.verify import compare_logits
 from debiformer_jax.models import DeBiFormer, get_architecture
 from debiformer_jax.reference.torch_debiformer import build_torch_model, randomize_
 
-FIXTURE = Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures' / 'official_debi_reduced'
+FIXTURE = (Path(__file__).resolve().parents[1].parent / 'shared' / 'fixtures'
+           / 'official_debi_reduced')
 REDUCED = dict(depths=(1, 1, 1, 1))
 
 
@@ -76,7 +77,8 @@ def test_name_map_is_one_to_one_and_covers_every_tensor(reduced_state_dict):
 
 
 def test_another_variant_is_an_error_naming_it(reduced_state_dict):
-  with pytest.raises(ValueError, match=r'depths=\(1, 1, 1, 1\).*requested model has depths=\(2, 2, 9, 3\)'):
+  with pytest.raises(ValueError,
+                     match=r'depths=\(1, 1, 1, 1\).*requested model has depths=\(2, 2, 9, 3\)'):
     convert_state_dict(reduced_state_dict, get_architecture('debiformer_small'))
   with pytest.raises(ValueError, match='shape mismatch'):
     convert_state_dict(reduced_state_dict, get_architecture('debiformer_base', **REDUCED))
@@ -93,7 +95,8 @@ def test_missing_and_extra_keys_are_named(reduced_state_dict):
     convert_state_dict(sd, cfg)
   sd = dict(reduced_state_dict)
   sd['head.weight'] = sd['head.weight'][:10]
-  with pytest.raises(ValueError, match=r'head\.weight \(10, 512\) -> head/kernel needs \(512, 1000\)'):
+  with pytest.raises(ValueError,
+                     match=r'head\.weight \(10, 512\) -> head/kernel needs \(512, 1000\)'):
     convert_state_dict(sd, cfg)
 
 

@@ -175,7 +175,8 @@ def test_tpu_setup_archive_holds_the_code_only(fake, tmp_path):
   # Run the printed tar for real (into tmp_path) on a copy of the checkout with run output in it.
   src = tmp_path / 'src'
   shutil.copytree(REPO, src, ignore=shutil.ignore_patterns('.git', '__pycache__'))
-  for junk in ('.git/config', 'workdir_small/ckpt', 'runs/a/events', 'out/x', 'pkg/__pycache__/m.pyc'):
+  for junk in ('.git/config', 'workdir_small/ckpt', 'runs/a/events', 'out/x',
+               'pkg/__pycache__/m.pyc'):
     os.makedirs(os.path.dirname(src / junk), exist_ok=True)
     (src / junk).write_text('junk')
   shutil.copy(TPU, src / 'launch' / 'tpu_pod.sh')

@@ -256,7 +256,8 @@ def _rpe_bias_window(table, pos, h, w):
   xs = jnp.clip(x0.astype(jnp.int32) + 1, 0, tw + 1 - w)
   window = lambda t, y, x: lax.dynamic_slice(t, (0, y, x), (hpg, h + 1, w + 1))
   per_point = jax.vmap(window, (None, 0, 0))  # over points
-  win = jax.vmap(jax.vmap(per_point, (0, 0, 0)), (None, 0, 0))(padded, ys, xs)  # (N,G,Ns,hpg,H+1,W+1)
+  # (N, G, Ns, hpg, H+1, W+1)
+  win = jax.vmap(jax.vmap(per_point, (0, 0, 0)), (None, 0, 0))(padded, ys, xs)
   bias = ((1.0 - fy) * ((1.0 - fx) * win[..., :h, :w] + fx * win[..., :h, 1:])
           + fy * ((1.0 - fx) * win[..., 1:, :w] + fx * win[..., 1:, 1:]))  # (N, G, Ns, hpg, H, W)
   return rearrange(bias, 'n g s m h w -> n (g m) (h w) s')

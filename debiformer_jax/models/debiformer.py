@@ -23,7 +23,8 @@ Dtype = Any
 
 
 class Block(nn.Module):
-  """x += dw(x); x += attn1(LN1 x); x += mlp1(LN2 x); x += dw'(x); x += attn2(LN3 x); x += mlp2(LN4 x)."""
+  """x += dw(x); x += attn1(LN1 x); x += mlp1(LN2 x);
+  x += dw'(x); x += attn2(LN3 x); x += mlp2(LN4 x)."""
   config: Architecture
   stage: int
   drop_path: float

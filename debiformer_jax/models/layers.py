@@ -19,7 +19,8 @@ from jax.ad_checkpoint import checkpoint_name
 
 Dtype = Any
 
-# U(-b, b) with b = 1/sqrt(fan_in): variance_scaling(1/3, fan_in, uniform) has b = sqrt(3 * (1/3) / fan_in).
+# U(-b, b) with b = 1/sqrt(fan_in): variance_scaling(1/3, fan_in, uniform) has
+# b = sqrt(3 * (1/3) / fan_in).
 torch_weight_init = nn.initializers.variance_scaling(1.0 / 3.0, 'fan_in', 'uniform')
 
 
