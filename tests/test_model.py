@@ -178,7 +178,7 @@ IMPLEMENTATIONS = (
     Implementation(dense_routing=2 ** 40),
     Implementation(remat=True), Implementation(remat=True, remat_policy='nothing'),
     Implementation(dwconv='grouped', sampling='matmul', region_gather='onehot',
-                   dense_routing=2 ** 20),  # the TPU choice
+                   dense_routing=2 ** 18),  # the TPU choice
 )
 
 

@@ -71,11 +71,17 @@ class Implementation:
 
 
 # The same in training and inference: no measurement favoured another choice in either.
-# CPU: measured (docs/performance.md). XLA:CPU runs feature-grouped convs as slow generic
-# loops; its gathers are cheap; dense routing wins where the dense logits are few.
-# TPU, GPU: reasoned, not measured: native depthwise convolutions, matmuls on the MXU /
-# tensor cores rather than gathers and scatter-adds.
+# CPU: measured (docs/performance.md, "How the formulations were chosen"). XLA:CPU runs
+# feature-grouped convs as slow generic loops; its gathers are cheap; dense routing wins where
+# the dense logits are few.
+# TPU: chosen from DeBiFormer-T's train and eval steps compiled by libtpu for v5e, one switch
+# at a time (docs/performance.md, "TPU formulation switches"): with the 2^18 limit the train
+# step has fewer FLOPs and less memory than with 2^20 or none; one-hot region gathers and
+# separable-matmul sampling leave no gathers, scatters or scatter loops in it; grouped
+# depthwise convs are native.
+# GPU: reasoned, not measured: native depthwise convolutions, tensor-core matmuls rather than
+# scatter-adds on atomics.
 _CPU = dict(dwconv='shifted', sampling='gather', region_gather='take', dense_routing=2 ** 18)
-_TPU = dict(dwconv='grouped', sampling='matmul', region_gather='onehot', dense_routing=2 ** 20)
+_TPU = dict(dwconv='grouped', sampling='matmul', region_gather='onehot', dense_routing=2 ** 18)
 _GPU = dict(dwconv='grouped', sampling='matmul', region_gather='take', dense_routing=2 ** 18)
 BACKEND_DEFAULTS = {'cpu': _CPU, 'tpu': _TPU, 'gpu': _GPU, 'cuda': _GPU, 'rocm': _GPU}
