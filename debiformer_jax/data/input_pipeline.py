@@ -129,14 +129,15 @@ class _Source:
                       dtype=np.int64)
     return paths, labels
 
-  def record_dataset(self, split: str, process_index: int, process_count: int,
+  def record_dataset(self, split: str, field: str, process_index: int, process_count: int,
                      count: int) -> tf.data.Dataset:
     """tfds records of the shard as (encoded image, label, name), in file order; the name is
-    the record's `file_name` (imagenet2012 has one), else '<split> record <index>'."""
+    the record's `file_name` (imagenet2012 has one), else '<split> record <index>'. `field`
+    is the config field that named the split (for messages)."""
     subsplit = tfds.even_splits(split, n=process_count)[process_index]
     ds = self.builder.as_dataset(split=subsplit, shuffle_files=False,
                                  decoders={'image': tfds.decode.SkipDecoding()})
-    first = sum(self.shard_sizes(split, 'train_split', process_count)[:process_index])
+    first = sum(self.shard_sizes(split, field, process_count)[:process_index])
     has_name = 'file_name' in self.builder.info.features
 
     def fields(ex, i):
@@ -403,7 +404,7 @@ def create_train_iterator(data_config, *, global_batch_size: int, image_size: in
     ds = tf.data.Dataset.range(start, _FOREVER).map(
         _plain(fetch), num_parallel_calls=_parallelism(cfg))
   else:
-    records = source.record_dataset(cfg.train_split, index, count, n)
+    records = source.record_dataset(cfg.train_split, 'train_split', index, count, n)
     if cfg.cache:
       records = records.cache()
     buffer = min(int(cfg.shuffle_buffer), n)
@@ -484,7 +485,7 @@ def create_eval_iterator(data_config, *, global_batch_size: int, image_size: int
         records = tf.data.Dataset.from_tensor_slices((names, labels, names)).map(
             _plain(lambda path, label, name: (tf.io.read_file(path), label, name)))
     else:
-      records = source.record_dataset(cfg.eval_split, index, count, n)
+      records = source.record_dataset(cfg.eval_split, 'eval_split', index, count, n)
       if cfg.cache:
         records = records.cache()
     ds = _skipping_undecodable(records, preprocess, placeholder, _parallelism(cfg))
