@@ -62,7 +62,7 @@ def export_stablehlo(clf: classifier.Classifier, image_size: int) -> jax.export.
   return jax.export.export(forward, platforms=PLATFORMS)(spec)
 
 
-def tensorflow_module(exported: jax.export.Exported) -> bytes:
+def _tensorflow_module(exported: jax.export.Exported) -> bytes:
   """`exported`'s StableHLO as TensorFlow's XlaCallModule reads it.
 
   JAX wraps chlo.erf (GELU) and chlo.top_k (routing) in stablehlo.composite ops, whose bodies
@@ -85,13 +85,13 @@ def tensorflow_module(exported: jax.export.Exported) -> bytes:
   return jax_mlir.serialize_portable_artifact(text, TF_STABLEHLO_VERSION)
 
 
-def tensorflow_forward(exported: jax.export.Exported):
+def _tensorflow_forward(exported: jax.export.Exported):
   """`exported` (one float32 input, one float32 output) as a TensorFlow function of tensors,
-  one XlaCallModule op running `tensorflow_module(exported)`."""
+  one XlaCallModule op running `_tensorflow_module(exported)`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   from tensorflow.compiler.tf2xla.python import xla as tfxla  # pylint: disable=g-import-not-at-top
   (out_aval,) = exported.out_avals
-  module = tensorflow_module(exported)
+  module = _tensorflow_module(exported)
   out_shape = tuple(d if isinstance(d, int) else None for d in out_aval.shape)
 
   def forward(images):
@@ -107,13 +107,13 @@ def tensorflow_forward(exported: jax.export.Exported):
 
 
 def _save_savedmodel(clf: classifier.Classifier, exported: jax.export.Exported, out: str,
-                     topk: int) -> None:
-  """Writes the SavedModel of the module doc into the empty directory `out`."""
+                     k: int) -> None:
+  """Writes the SavedModel of the module doc (top `k` classes) into the empty directory
+  `out`."""
   import tensorflow as tf  # pylint: disable=g-import-not-at-top
   size, crop_pct = exported.in_avals[0].shape[1], clf.preprocessing.crop_pct
-  forward = tensorflow_forward(exported)
+  forward = _tensorflow_forward(exported)
   names = tf.constant(list(clf.class_names))
-  k = min(topk, len(clf.class_names))
 
   def prepare(data):
     return augment.eval_image(augment.decode_image(data), size, crop_pct)
@@ -160,13 +160,13 @@ def write(clf: classifier.Classifier, out: str, image_size: int | None = None, *
                             'mean': list(augment.MEAN_RGB), 'std': list(augment.STD_RGB)},
           'platforms': list(exported.platforms), 'source': clf.description}
   if kind == 'savedmodel':
-    meta['topk'] = min(topk, len(clf.class_names))
+    meta['topk'] = min(topk, len(clf.class_names))  # The serving signature's k.
   parent, name = os.path.split(out)
   os.makedirs(parent, exist_ok=True)
   staging = tempfile.mkdtemp(prefix=f'.{name}.writing-', dir=parent)
   try:
     if kind == 'savedmodel':
-      _save_savedmodel(clf, exported, staging, topk)
+      _save_savedmodel(clf, exported, staging, meta['topk'])
     else:
       with open(os.path.join(staging, MODEL_FILE), 'wb') as f:
         f.write(exported.serialize())

@@ -85,10 +85,9 @@ def saved(tmp_path_factory):
   variables = weights.init_variables(model, jax.random.PRNGKey(3))
   clf = classifier.Classifier(
       class_names=tuple(f'class {c}' for c in 'abcdefghij'),
-      preprocessing=classifier.Preprocessing(32, 0.875), logits_fn=None, model=model,
+      preprocessing=classifier.Preprocessing(32, 0.875),
+      logits_fn=lambda x: np.asarray(model.apply(variables, x, train=False)), model=model,
       variables=variables, model_name='debiformer_tiny', description='test')
-  clf = dataclasses.replace(clf, logits_fn=lambda x: np.asarray(
-      model.apply(variables, x, train=False)))
   return clf, export.write(clf, str(tmp_path_factory.mktemp('sm') / 'out'), kind='savedmodel',
                            topk=3)
 
