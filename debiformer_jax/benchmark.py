@@ -141,7 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
   tpu.add_argument('--per-chip-batch', type=int, default=64)
   tpu.add_argument('--sharding', choices=config_lib.SHARDINGS, default='dp')
   tpu.add_argument('--max-batch', action='store_true',
-                   help='find the largest per-chip batch that fits, from --per-chip-batch up')
+                   help='find the largest per-chip batch that fits (a multiple of 8), by compiling '
+                        'from --per-chip-batch')
   return p
 
 

@@ -270,35 +270,58 @@ def compile_step(config: ml_collections.ConfigDict, topology: str, mode: str,
       hlo=hlo_ops(compiled.as_text()))
 
 
+BATCH_MULTIPLE = 8  # --max-batch's step: per-chip batches that fill the TPU's 8-row tiles.
+
+
+def _predicted_batch(fitting: Dict[int, Compiled], hbm: int, step: int) -> int:
+  """The largest multiple of `step` whose peak memory a line through the compiled steps that
+  fit stays within `hbm`: through the two largest, or, from one, with all its temporaries
+  per image (which overstates the slope, so the guess errs low)."""
+  (b1, c1), *rest = sorted(fitting.items(), reverse=True)
+  if rest:
+    b0, c0 = rest[0]
+    slope = (c1.memory.peak - c0.memory.peak) / (b1 - b0)
+  else:
+    slope = c1.memory.temp / b1
+  if slope <= 0:
+    return 2 * b1
+  return int(b1 + (hbm - c1.memory.peak) / slope) // step * step
+
+
 def max_batch(config: ml_collections.ConfigDict, topology: str, mode: str, start: int,
               num_classes: int = 1000, report=print) -> tuple[int, Optional[Compiled]]:
-  """The largest per-chip batch whose step fits, by compiling: doubling from `start` while it
-  fits, then bisecting (below `start` if `start` does not fit). Returns (batch, its Compiled);
-  (0, None) if not even one image fits. `report(line)` hears of every try."""
+  """The largest per-chip batch whose step fits, by compiling: a multiple of BATCH_MULTIPLE
+  (or 1-7 when not even 8 fits). From `start`, each next try is where the memory of the steps
+  that fit, drawn as a line in the batch, reaches the chip's HBM; a try that does not fit costs
+  little (the compiler stops early), one that fits a full compile, so the search ends with one
+  try just above the answer. Falls back to halving while nothing fits and to bisecting where the
+  line overshoots. Returns (batch, its Compiled); (0, None) if not even one image fits.
+  `report(line)` hears of every try."""
   devices = topology_devices(topology)
-  tried: Dict[int, Optional[Compiled]] = {}
-
-  def fits(batch: int) -> bool:
+  fitting: Dict[int, Compiled] = {}
+  low, high = 0, None  # The largest batch that fits, the smallest that does not.
+  batch = start
+  while True:
     try:
-      tried[batch] = compile_step(config, topology, mode, batch, num_classes, devices)
-      report(f'  {batch:5d} per chip: fits, {_gib(tried[batch].memory.peak)} '
-             f'({tried[batch].compile_s:.0f} s)')
+      fitting[batch] = compile_step(config, topology, mode, batch, num_classes, devices)
+      low = max(low, batch)
+      report(f'  {batch:5d} per chip: fits, {_gib(fitting[batch].memory.peak)} '
+             f'({fitting[batch].compile_s:.0f} s)')
     except DoesNotFit:
-      tried[batch] = None
+      high = batch if high is None else min(high, batch)
       report(f'  {batch:5d} per chip: does not fit')
-    return tried[batch] is not None
-
-  if fits(start):
-    low = start
-    while fits(2 * low):
-      low *= 2
-    high = 2 * low
-  else:
-    low, high = 0, start
-  while high - low > 1:
-    mid = (low + high) // 2
-    low, high = (mid, high) if fits(mid) else (low, mid)
-  return low, tried.get(low)
+    step = BATCH_MULTIPLE if high is None or high > BATCH_MULTIPLE else 1
+    above = (low // step + 1) * step  # The smallest batch that would beat `low`.
+    if high is not None and above >= high:
+      return low, fitting.get(low)
+    if not fitting:
+      batch = max(high // 2 // step * step, 1)
+      continue
+    hbm = fitting[low].hbm
+    guess = 2 * low if hbm is None else _predicted_batch(fitting, hbm, step)
+    if high is not None and guess >= high:
+      guess = (low + high) // 2 // step * step
+    batch = max(guess, above)
 
 
 # ---------------------------------------------------------------------------------------------
