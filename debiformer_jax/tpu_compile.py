@@ -127,11 +127,15 @@ def _shape_bytes(shape: str) -> int:
 
 
 def hlo_ops(hlo: str) -> Dict[str, Any]:
-  """{'collectives': {kind: {'count', 'bytes'}}, 'gathers', 'scatters', 'while_loops'} of an
-  HLO module's text, each op counted once where it appears. Bytes: the full-size arrays a
-  collective reduces or gathers (its result; for an async start, the last element of the
-  result tuple). XLA:TPU writes a reduce-scatter as an all-reduce and slices fused into a
-  computation named 'all-reduce-scatter...': counted as a reduce-scatter."""
+  """{'collectives': {kind: {'count', 'bytes'}}, 'gathers', 'scatters', 'while_loops',
+  'compiler_remat'} of an HLO module's text, each op counted once where it appears.
+  'compiler_remat': instructions XLA's own rematerialisation pass cloned (named '*.remat',
+  '*.remat2', ...) to bring a step that would not fit under the chip's HBM; not `--remat`'s,
+  which JAX does before XLA sees the program. Bytes: the full-size arrays a collective
+  reduces, gathers or sends (its result; for an async start, the largest array of the result
+  tuple, which also holds the operand and, for a collective-permute, u32 contexts). XLA:TPU
+  writes a reduce-scatter as an all-reduce and slices fused into a computation named
+  'all-reduce-scatter...': counted as a reduce-scatter."""
   collectives = collections.defaultdict(lambda: {'count': 0, 'bytes': 0})
   counts = collections.Counter()
   computation = ''
@@ -140,14 +144,16 @@ def hlo_ops(hlo: str) -> Dict[str, Any]:
     if header:
       computation = header.group(1)
       continue
-    op = re.match(r'\s+(?:ROOT )?%?[\w.\-]+ = (.+?) ([a-z][\w\-]*)\(', line)
+    op = re.match(r'\s+(?:ROOT )?%?([\w.\-]+) = (.+?) ([a-z][\w\-]*)\(', line)
     if not op:
       continue
-    shape, name = op.groups()
+    result, shape, name = op.groups()
+    if re.search(r'\.remat\d*$', result):
+      counts['remat'] += 1
     kind = name[:-len('-start')] if name.endswith('-start') else name
     if kind in COLLECTIVES:
       if name.endswith('-start') and shape.startswith('('):
-        shape = re.findall(r'[a-z]+\d*\[[\d,]*\]', shape)[-1]
+        shape = max(re.findall(r'[a-z]+\d*\[[\d,]*\]', shape), key=_shape_bytes)
       if kind == 'all-reduce' and computation.startswith('all-reduce-scatter'):
         kind = 'reduce-scatter'
       collectives[kind]['count'] += 1
@@ -155,7 +161,8 @@ def hlo_ops(hlo: str) -> Dict[str, Any]:
     elif name in ('gather', 'scatter', 'while'):
       counts[name] += 1
   return {'collectives': dict(collectives), 'gathers': counts['gather'],
-          'scatters': counts['scatter'], 'while_loops': counts['while']}
+          'scatters': counts['scatter'], 'while_loops': counts['while'],
+          'compiler_remat': counts['remat']}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -350,6 +357,9 @@ def format_report(c: Compiled) -> str:
                                     else c.bytes_accessed / c.per_chip_batch)),
       ('gathers / scatters', f"{c.hlo['gathers']} / {c.hlo['scatters']}   "
                              f"({c.hlo['while_loops']} while loops)"),
+      ('compiler remat', f"{c.hlo['compiler_remat']} instructions recomputed by XLA to fit"
+                         + (' (the step fits only so: memory is at the compiler\'s target, '
+                            'not the step\'s own need)' if c.hlo['compiler_remat'] else '')),
   ]
   collectives = c.hlo['collectives']
   rows.append(('collectives per step', ', '.join(

@@ -1,4 +1,5 @@
-"""`--max-batch`'s search, on a stand-in for the TPU compiler (a memory model per batch)."""
+"""tpu_compile's own logic without libtpu: `--max-batch`'s search on a stand-in compiler (a
+memory model per batch) and the reading of compiled HLO text."""
 
 import types
 
@@ -75,3 +76,36 @@ def test_a_step_whose_memory_is_not_monotone_ends_at_a_boundary(monkeypatch):
 def test_nothing_fits(monkeypatch):
   fake_compiler(monkeypatch, lambda b: 17 * GIB)
   assert tpu_compile.max_batch(None, 'v5e:2x2', 'train', 64, report=lambda line: None) == (0, None)
+
+
+HLO = """\
+HloModule step, entry_computation_layout={(f32[64,128]{1,0})->f32[64,128]{1,0}}
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.1 = f32[] add(f32[] %a, f32[] %b)
+}
+
+ENTRY %main (p: f32[64,128]) -> f32[64,128] {
+  %p = f32[64,128]{1,0} parameter(0)
+  %fusion.7 = bf16[64,128]{1,0} fusion(f32[64,128]{1,0} %p), kind=kLoop, calls=%fused
+  %fusion.7.remat = bf16[64,128]{1,0} fusion(f32[64,128]{1,0} %p), kind=kLoop, calls=%fused
+  %fusion.7.remat2 = bf16[64,128]{1,0} fusion(f32[64,128]{1,0} %p), kind=kLoop, calls=%fused
+  %checkpoint.3 = f32[64,128]{1,0} copy(%p), metadata={op_name="jit(step)/remat/mul"}
+  %gather.2 = f32[8,128]{1,0} gather(f32[64,128]{1,0} %p, s32[8,1]{1,0} %i)
+  %all-reduce-start = (f32[64,128]{1,0}, f32[64,128]{1,0}) all-reduce-start(%p), to_apply=%add
+  %cp-start = (bf16[32,128], bf16[32,128], u32[], u32[]) collective-permute-start(%p)
+  %all-gather-start = (bf16[16,128]{1,0}, bf16[64,128]{1,0}) all-gather-start(%fusion.7)
+  ROOT %all-reduce-done = f32[64,128]{1,0} all-reduce-done(%all-reduce-start)
+}
+"""
+
+
+def test_hlo_reading_counts_collectives_gathers_and_the_compilers_remat():
+  ops = tpu_compile.hlo_ops(HLO)
+  assert ops['collectives'] == {'all-reduce': {'count': 1, 'bytes': 64 * 128 * 4},
+                                'collective-permute': {'count': 1, 'bytes': 32 * 128 * 2},
+                                'all-gather': {'count': 1, 'bytes': 64 * 128 * 2}}
+  assert (ops['gathers'], ops['scatters'], ops['while_loops']) == (1, 0, 0)
+  assert ops['compiler_remat'] == 2  # The '.remat' clones; not JAX's remat in the metadata.
