@@ -357,9 +357,8 @@ def format_report(c: Compiled) -> str:
                                     else c.bytes_accessed / c.per_chip_batch)),
       ('gathers / scatters', f"{c.hlo['gathers']} / {c.hlo['scatters']}   "
                              f"({c.hlo['while_loops']} while loops)"),
-      ('compiler remat', f"{c.hlo['compiler_remat']} instructions recomputed by XLA to fit"
-                         + (' (the step fits only so: memory is at the compiler\'s target, '
-                            'not the step\'s own need)' if c.hlo['compiler_remat'] else '')),
+      ('compiler remat', f"{c.hlo['compiler_remat']} instructions cloned by XLA's "
+                         f"rematerialisation pass to fit the chip"),
   ]
   collectives = c.hlo['collectives']
   rows.append(('collectives per step', ', '.join(
