@@ -299,10 +299,11 @@ def max_batch(config: ml_collections.ConfigDict, topology: str, mode: str, start
               num_classes: int = 1000, report=print) -> tuple[int, Optional[Compiled]]:
   """The largest per-chip batch whose step fits, by compiling: a multiple of BATCH_MULTIPLE
   (or 1-7 when not even 8 fits). From `start`, each next try is where the memory of the steps
-  that fit, drawn as a line in the batch, reaches the chip's HBM; a try that does not fit costs
-  little (the compiler stops early), one that fits a full compile, so the search ends with one
-  try just above the answer. Falls back to halving while nothing fits and to bisecting where the
-  line overshoots. Returns (batch, its Compiled); (0, None) if not even one image fits.
+  that fit, drawn as a line in the batch, reaches the chip's HBM (nominal, a little above the
+  compiler's limit): for a step whose memory grows linearly that is the answer, confirmed by one
+  try above it. Near the limit the compiler holds the memory level, the line flattens and its
+  guess overshoots: then the search bisects (a try far over fails within minutes, one near the
+  limit compiles in full). Halves while nothing fits. Returns (batch, its Compiled); (0, None) if not even one image fits.
   `report(line)` hears of every try."""
   devices = topology_devices(topology)
   fitting: Dict[int, Compiled] = {}

@@ -31,7 +31,7 @@ lib.use_compilation_cache()
 WORKER = os.path.join(lib.REPO, 'tests', '_multihost_worker.py')
 NUM_TRAIN, NUM_EVAL, BATCH = 24, 9, 8
 STEPS_PER_EPOCH = NUM_TRAIN // BATCH
-TIMEOUT = 480.0  # Per run; two processes share 2 cores (a run took ~240 s on a busy machine).
+TIMEOUT = 480.0  # Per run; two processes share 2 cores (a run passed 240 s on a busy machine).
 
 # Cluster detection must not pick up anything from the machine the tests run on.
 _CLUSTER_ENV = (
