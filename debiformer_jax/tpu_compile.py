@@ -303,8 +303,8 @@ def max_batch(config: ml_collections.ConfigDict, topology: str, mode: str, start
   compiler's limit): for a step whose memory grows linearly that is the answer, confirmed by one
   try above it. Near the limit the compiler holds the memory level, the line flattens and its
   guess overshoots: then the search bisects (a try far over fails within minutes, one near the
-  limit compiles in full). Halves while nothing fits. Returns (batch, its Compiled); (0, None) if not even one image fits.
-  `report(line)` hears of every try."""
+  limit compiles in full). Halves while nothing fits. Returns (batch, its Compiled); (0, None)
+  if not even one image fits. `report(line)` hears of every try."""
   devices = topology_devices(topology)
   fitting: Dict[int, Compiled] = {}
   low, high = 0, None  # The largest batch that fits, the smallest that does not.
