@@ -7,8 +7,9 @@ Writes ImageNet-like JPEGs (`debiformer_jax.data.synthetic`: --images train and 
 validation images, as an ImageFolder and as tfds TFRecords with the same bytes) into
 --input-dir (reused when it holds them; default a temporary directory), then times our
 training pipeline (`input_pipeline.create_train_iterator` with configs/small.py's recipe at
---resolution: decode and random-resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, random
-erasing 0.25, batching) and our eval pipeline (resize, centre crop), each for --steps batches
+--resolution: decode and random-resized crop, flip, RandAugment rand-m9-mstd0.5-inc1, the
+random-erasing box at 0.25, uint8 batching; normalising and filling the box happen in the
+train step, on the device) and our eval pipeline (resize, centre crop), each for --steps batches
 of --batch after --warmup batches, reading --source. The process is pinned to --cores CPUs.
 
 The machine may be shared, so besides wall-clock images/s each pipeline is given in images

@@ -38,7 +38,7 @@ import ml_collections
 import numpy as np
 
 from debiformer_jax import config as config_lib
-from debiformer_jax import sharding, train
+from debiformer_jax import device_augment, sharding, train
 from debiformer_jax.benchmark import Memory, xla_cost
 from debiformer_jax.models import Implementation
 from debiformer_jax.models.flops import forward_macs
@@ -234,8 +234,9 @@ def _lowered(config: ml_collections.ConfigDict, mode: str, mesh, num_classes: in
   if mode == 'eval':
     return functools.partial(train.compile_eval_step, config, model=model, mesh=mesh,
                              abstract_variables=variables)
-  images = train.abstract_batch(config, mesh)['image']
-  forward = jax.jit(lambda v, x: model.apply(v, x), out_shardings=sharding.batch_sharding(mesh))
+  images = train.abstract_batch(config, mesh, train=False)['image']
+  forward = jax.jit(lambda v, x: model.apply(v, device_augment.normalize(x)),
+                    out_shardings=sharding.batch_sharding(mesh))
   return lambda: forward.lower(variables, images).compile()
 
 

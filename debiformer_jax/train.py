@@ -11,8 +11,9 @@ workdir) or the latest checkpoint in `workdir`, with the same set-up.
 
 The train step runs under `jax.jit` with NamedShardings on a ('data', 'model') mesh: the batch
 is split over 'data'; params and optimizer state are replicated ('dp') or split over 'data'
-('fsdp'). Mixup/cutmix, label smoothing and stochastic depth happen on device; their random
-keys are `fold_in(state.rng, state.step)`, so a resumed run repeats an uninterrupted one exactly.
+('fsdp'). Batches arrive as uint8 images; normalisation, the random-erasing fill,
+mixup/cutmix, label smoothing and stochastic depth happen on device; their random keys are
+`fold_in(state.rng, state.step)`, so a resumed run repeats an uninterrupted one exactly.
 Metrics stay on device until a log step.
 """
 
@@ -34,7 +35,8 @@ import optax
 from absl import logging
 from clu import metric_writers, periodic_actions
 
-from debiformer_jax import checkpointing, distributed, mixup, preemption, sharding, weights
+from debiformer_jax import checkpointing, device_augment, distributed, mixup, preemption
+from debiformer_jax import sharding, weights
 from debiformer_jax import config as config_lib
 from debiformer_jax.data import class_names as class_names_lib
 from debiformer_jax.data import input_pipeline
@@ -167,10 +169,14 @@ def loss_fn(params, batch_stats, images, targets, dropout_rng, *, model):
 
 def train_step(state: TrainState, batch: dict, *, model, tx, schedule,
                config: ml_collections.ConfigDict):
-  """One update. Returns the new state and on-device metrics."""
-  mix_rng, dropout_rng = jax.random.split(jax.random.fold_in(state.rng, state.step))
+  """One update from a train batch (uint8 'image', 'label', 'erase' boxes). Returns the new
+  state and on-device metrics."""
+  erase_rng, mix_rng, dropout_rng = jax.random.split(
+      jax.random.fold_in(state.rng, state.step), 3)
+  images = device_augment.erase(erase_rng, device_augment.normalize(batch['image']),
+                                batch['erase'])
   images, targets = mixup.mixup_cutmix(
-      mix_rng, batch['image'], batch['label'], num_classes=model.config.num_classes,
+      mix_rng, images, batch['label'], num_classes=model.config.num_classes,
       label_smoothing=config.label_smoothing, **config.mixup)
 
   (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(
@@ -198,20 +204,25 @@ def compile_train_step(config: ml_collections.ConfigDict, *, model, tx, schedule
                  donate_argnums=0).lower(abstract_state, abstract_batch(config, mesh)).compile()
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh, *, with_mask: bool = False) -> dict:
-  """Shapes of a global batch split over 'data': image, label (and the eval mask)."""
+def abstract_batch(config: ml_collections.ConfigDict, mesh, *, train: bool = True) -> dict:
+  """Shapes of a global batch split over 'data' (input_pipeline's): uint8 image, label, and
+  the erasing boxes (train) or the mask (eval)."""
   batch_sharding = sharding.batch_sharding(mesh)
   size = (config.global_batch_size, config.image_size, config.image_size, 3)
-  batch = {'image': jax.ShapeDtypeStruct(size, jnp.float32, sharding=batch_sharding),
+  batch = {'image': jax.ShapeDtypeStruct(size, jnp.uint8, sharding=batch_sharding),
            'label': jax.ShapeDtypeStruct(size[:1], jnp.int32, sharding=batch_sharding)}
-  if with_mask:
+  if train:
+    batch['erase'] = jax.ShapeDtypeStruct((size[0], 4), jnp.int32, sharding=batch_sharding)
+  else:
     batch['mask'] = jax.ShapeDtypeStruct(size[:1], jnp.float32, sharding=batch_sharding)
   return batch
 
 
 def eval_step(variables: dict, batch: dict, totals: dict, *, model) -> dict:
-  """Adds this batch's masked loss sum and top-1/top-5 counts to `totals`."""
-  logits = model.apply(variables, batch['image'], train=False).astype(jnp.float32)
+  """Adds this batch's (uint8 'image', 'label', 'mask') masked loss sum and top-1/top-5
+  counts to `totals`."""
+  images = device_augment.normalize(batch['image'])
+  logits = model.apply(variables, images, train=False).astype(jnp.float32)
   labels, mask = batch['label'], batch['mask'].astype(jnp.float32)
   loss = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   correct = jax.lax.top_k(logits, min(5, model.config.num_classes))[1] == labels[:, None]
@@ -234,7 +245,7 @@ def compile_eval_step(config: ml_collections.ConfigDict, *, model, mesh, abstrac
       jax.eval_shape(empty_totals))
   step_fn = functools.partial(eval_step, model=model)
   return jax.jit(step_fn, out_shardings=replicated).lower(
-      abstract_variables, abstract_batch(config, mesh, with_mask=True), abstract_totals).compile()
+      abstract_variables, abstract_batch(config, mesh, train=False), abstract_totals).compile()
 
 
 def empty_totals() -> dict:

@@ -1,13 +1,15 @@
 """Per-example ops of debiformer_jax.data.augment on known images (CPU, TF eager)."""
 
 import io
-import math
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
+from debiformer_jax import device_augment
 from debiformer_jax.data import augment
 
 
@@ -133,16 +135,26 @@ def test_normalize_values():
                              rtol=1e-5, atol=1e-6)
 
 
+def _erased(image, seed, prob):
+  """`augment.erase_box` drawn for `image` and filled by `device_augment.erase`."""
+  box = augment.erase_box(seed, image.shape[0], image.shape[1], prob).numpy()
+  out = device_augment.erase(jax.random.PRNGKey(int(seed[0])), jnp.asarray(image)[None],
+                             jnp.asarray(box)[None])
+  return box, np.asarray(out[0])
+
+
 def test_random_erasing_bounds():
-  image = tf.fill([40, 50, 3], 7.0)
+  image = np.full([40, 50, 3], 7.0, np.float32)
   areas = []
   for i in range(60):
-    out = augment.random_erasing(image, _seed(i), prob=1.0).numpy()
+    box, out = _erased(image, _seed(i), prob=1.0)
     erased = np.any(out != 7.0, axis=-1)
     if not erased.any():
-      continue  # No attempt fitted (rare): nothing erased.
+      assert box.tolist() == [0, 0, 0, 0]  # No attempt fitted (rare): nothing erased.
+      continue
     rows, cols = np.nonzero(erased)
     h, w = rows.max() - rows.min() + 1, cols.max() - cols.min() + 1
+    assert box.tolist() == [rows.min(), cols.min(), h, w]
     assert erased.sum() == h * w  # One rectangle.
     assert h < 40 and w < 50
     # Rounded sides: area within [0.02, 1/3] of the image up to rounding.
@@ -153,14 +165,34 @@ def test_random_erasing_bounds():
     areas.append(h * w)
   assert len(areas) > 50
   for i in range(5):
-    np.testing.assert_array_equal(augment.random_erasing(image, _seed(i), prob=0.0), image)
+    box, out = _erased(image, _seed(i), prob=0.0)
+    assert box.tolist() == [0, 0, 0, 0]
+    np.testing.assert_array_equal(out, image)
 
 
 def test_random_erasing_probability():
-  image = tf.zeros([16, 16, 3])
-  hits = sum(bool(np.any(augment.random_erasing(image, _seed(i), prob=0.25).numpy() != 0))
-             for i in range(200))
+  hits = sum(bool(augment.erase_box(_seed(i), 16, 16, 0.25).numpy()[2] > 0) for i in range(200))
   assert 25 <= hits <= 75
+
+
+def test_device_normalize_matches_host_normalize():
+  """The steps' normalisation (uint8 batches on the device) is the host's to float32 rounding
+  (XLA may divide by a constant as a multiplication by its reciprocal: 1 ulp)."""
+  image = _noise(24, 20, seed=3)
+  np.testing.assert_allclose(
+      np.asarray(jax.jit(device_augment.normalize)(image[None]))[0],
+      augment.normalize(image).numpy(), rtol=2.5e-7, atol=2.5e-7)
+
+
+def test_device_erase_fills_each_image_its_own_box():
+  images = jnp.zeros([3, 10, 12, 3])
+  boxes = jnp.array([[1, 2, 3, 4], [0, 0, 0, 0], [5, 0, 5, 12]], jnp.int32)
+  out = np.asarray(device_augment.erase(jax.random.PRNGKey(0), images, boxes))
+  erased = (out != 0).any(-1)
+  expected = np.zeros([3, 10, 12], bool)
+  expected[0, 1:4, 2:6] = True
+  expected[2, 5:10, :] = True
+  np.testing.assert_array_equal(erased, expected)
 
 
 def test_eval_resize_numbers():
@@ -201,9 +233,9 @@ def test_ops_trace_in_tf_data():
     seed = tf.constant([1, 2], tf.int64)
     x = augment.random_resized_crop(image, seed, 16)
     x = augment.random_flip(x, seed)
-    x = augment.random_erasing(augment.normalize(x), seed, 1.0)
-    return x, augment.resize_shorter_center_crop(image, 16)
+    box = augment.erase_box(seed, 16, 16, 1.0)
+    return x, box, augment.resize_shorter_center_crop(image, 16)
 
-  for crop, center in data.map(fn):
-    assert crop.shape == (16, 16, 3) and center.shape == (16, 16, 3)
-    assert math.isfinite(float(tf.reduce_sum(crop)))
+  for crop, box, center in data.map(fn):
+    assert crop.shape == (16, 16, 3) and center.shape == (16, 16, 3) and box.shape == (4,)
+    assert crop.dtype == center.dtype == tf.uint8 and box.dtype == tf.int32

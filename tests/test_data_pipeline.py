@@ -47,9 +47,9 @@ def _folder_config(root, **overrides):
 
 
 def _pixels(batch_images):
-  """Normalised images -> mean 0..255 colour per example, [B, 3]."""
-  x = batch_images * np.array(augment.STD_RGB) + np.array(augment.MEAN_RGB)
-  return x.mean(axis=(1, 2))
+  """uint8 images -> mean 0..255 colour per example, [B, 3]."""
+  assert batch_images.dtype == np.uint8
+  return batch_images.astype(np.float64).mean(axis=(1, 2))
 
 
 def _ids(batch_images):
@@ -73,8 +73,9 @@ def test_train_labels_and_shapes_imagefolder(folder):
   it = ip.create_train_iterator(cfg, global_batch_size=4, image_size=SIZE, seed=0)
   counts = collections.Counter()
   for batch in _take(it, 6):  # Two epochs of 12.
-    assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['image'].dtype == np.float32
+    assert batch['image'].shape == (4, SIZE, SIZE, 3) and batch['image'].dtype == np.uint8
     assert batch['label'].shape == (4,) and batch['label'].dtype == np.int32
+    np.testing.assert_array_equal(batch['erase'], np.zeros((4, 4), np.int32))
     colors = _pixels(batch['image'])
     np.testing.assert_array_equal(colors.argmax(-1), batch['label'])
     counts.update(batch['label'].tolist())
@@ -91,6 +92,7 @@ def test_train_resume_is_bit_exact(folder):
   for a, b in zip(full[3:], resumed):
     np.testing.assert_array_equal(a['image'], b['image'])
     np.testing.assert_array_equal(a['label'], b['label'])
+    np.testing.assert_array_equal(a['erase'], b['erase'])
   other = _take(ip.create_train_iterator(cfg, global_batch_size=4, image_size=SIZE, seed=6), 1)
   assert not np.array_equal(other[0]['image'], full[0]['image'])
 
@@ -189,7 +191,7 @@ def test_mock_imagenet_train_and_eval(mock_imagenet):
                                              seed=1, start_step=2), 3)
     evals = list(ip.create_eval_iterator(cfg, global_batch_size=4, image_size=SIZE))
   for b in full:
-    assert b['image'].shape == (4, SIZE, SIZE, 3) and b['image'].dtype == np.float32
+    assert b['image'].shape == (4, SIZE, SIZE, 3) and b['image'].dtype == np.uint8
     assert b['label'].dtype == np.int32 and ((0 <= b['label']) & (b['label'] < 1000)).all()
   for a, b in zip(full[2:], resumed):  # Crosses the epoch boundary at example 10.
     np.testing.assert_array_equal(a['image'], b['image'])

@@ -49,8 +49,11 @@ def _run(step, state, mesh, batches):
 def _batches(config):
   rng = np.random.default_rng(0)
   size = (config.global_batch_size, config.image_size, config.image_size, 3)
-  return [{'image': rng.normal(size=size).astype(np.float32),
-           'label': rng.integers(0, NUM_CLASSES, size[:1]).astype(np.int32)}
+  boxes = lambda: np.stack([rng.integers(0, 4, size[:1]), rng.integers(0, 4, size[:1]),
+                            rng.integers(0, 5, size[:1]), rng.integers(0, 5, size[:1])], 1)
+  return [{'image': rng.integers(0, 256, size).astype(np.uint8),
+           'label': rng.integers(0, NUM_CLASSES, size[:1]).astype(np.int32),
+           'erase': boxes().astype(np.int32)}
           for _ in range(NUM_STEPS)]
 
 
@@ -67,7 +70,8 @@ def _worker(in_path, out_path):
   assert jax.device_count() == 8, jax.devices()
   data = np.load(in_path)
   mesh = sharding.make_mesh()
-  batches = [{'image': data[f'image_{i}'], 'label': data[f'label_{i}']} for i in range(NUM_STEPS)]
+  batches = [{'image': data[f'image_{i}'], 'label': data[f'label_{i}'],
+              'erase': data[f'erase_{i}']} for i in range(NUM_STEPS)]
   out = {}
   for strategy in ('dp', 'fsdp'):
     _, abstract_state, state_sharding, compile_step = _setup(_config(strategy), mesh)
@@ -105,6 +109,7 @@ def test_one_device_equals_eight_devices_dp_and_fsdp(tmp_path):
   in_path, out_path = tmp_path / 'in.npz', tmp_path / 'out.npz'
   np.savez(in_path, **{f'state_{i}': x for i, x in enumerate(_leaves(state))},
            **{f'image_{i}': b['image'] for i, b in enumerate(batches)},
+           **{f'erase_{i}': b['erase'] for i, b in enumerate(batches)},
            **{f'label_{i}': b['label'] for i, b in enumerate(batches)})
 
   child = subprocess.Popen(

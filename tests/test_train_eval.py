@@ -1,6 +1,7 @@
 """Evaluation counts: every example once, padding never, top-1 / top-5 / loss exact.
 
-A stand-in model looks its logits up by example index (stored in the first pixel), so the
+A stand-in model looks its logits up by example index (stored in the first uint8 pixel, which
+the eval step normalises on the way in), so the
 expected numbers are computed independently in numpy. train.evaluate runs exactly as in
 training, on batches shaped like create_eval_iterator's (last one padded and masked).
 """
@@ -15,6 +16,7 @@ import pytest
 
 from debiformer_jax import sharding, train
 from debiformer_jax.data import input_pipeline
+from debiformer_jax.data.augment import MEAN_RGB, STD_RGB
 from tests import _train_testlib as lib
 
 
@@ -27,7 +29,7 @@ class LookupModel(nn.Module):
 
   @nn.compact
   def __call__(self, x, train=False):
-    index = x[:, 0, 0, 0].astype(jnp.int32)
+    index = jnp.round(x[:, 0, 0, 0] * STD_RGB[0] + MEAN_RGB[0]).astype(jnp.int32)
     return jnp.asarray(self.logits, jnp.float32)[index]
 
 
@@ -37,7 +39,7 @@ def _padded_batches(num_examples, batch, labels, size=4):
   for start in range(0, num_examples, batch):
     idx = np.arange(start, min(start + batch, num_examples))
     pad = batch - len(idx)
-    image = np.zeros((batch, size, size, 3), np.float32)
+    image = np.zeros((batch, size, size, 3), np.uint8)
     image[:len(idx), 0, 0, 0] = idx
     out.append({'image': image,
                 'label': np.concatenate([labels[idx], np.zeros(pad, np.int32)]),

@@ -8,7 +8,9 @@ a pipeline built from them is a pure function of its seeds. Each op works inside
 
 Semantics follow torchvision / timm (RandomResizedCrop, RandomHorizontalFlip, Resize +
 CenterCrop, RandomErasing) on PIL images; the bicubic resize reproduces PIL's
-fixed-point resampler exactly.
+fixed-point resampler exactly. The pipelines hand uint8 images to the device, which
+normalises them and fills the erasing box there (`debiformer_jax/device_augment.py`):
+a quarter of the bytes to move, and no float work on the host.
 """
 
 from __future__ import annotations
@@ -235,24 +237,21 @@ def normalize(image: tf.Tensor) -> tf.Tensor:
   return (image - tf.constant(MEAN_RGB)) / tf.constant(STD_RGB)
 
 
-def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25,
-                   min_area: float = 0.02, max_area: float = 1.0 / 3.0,
-                   min_aspect: float = 0.3, max_aspect: float | None = None) -> tf.Tensor:
-  """timm RandomErasing, mode 'pixel', one box: on the normalised float image.
+def erase_box(seed: tf.Tensor, height, width, prob: float = 0.25,
+              min_area: float = 0.02, max_area: float = 1.0 / 3.0,
+              min_aspect: float = 0.3, max_aspect: float | None = None) -> tf.Tensor:
+  """timm RandomErasing's box (mode 'pixel', one box), drawn on the host: int32 [4] =
+  (top, left, rows, cols), all 0 when nothing is erased. The train step fills the box with
+  per-pixel, per-channel N(0, 1) noise in normalised space (`device_augment.erase`).
 
   With probability `prob` a box of area fraction U(min_area, max_area) and log-uniform
-  aspect ratio (h/w) in [min_aspect, 1/min_aspect] is filled with per-pixel, per-channel
-  N(0, 1) noise. Ten attempts; an attempt fits when the box is strictly smaller than the
-  image on both sides; if none fits nothing is erased.
+  aspect ratio (h/w) in [min_aspect, 1/min_aspect]. Ten attempts; an attempt fits when the
+  box is strictly smaller than the image on both sides; if none fits nothing is erased.
   """
-  image = tf.convert_to_tensor(image)
-  if prob <= 0.0:
-    return image
   max_aspect = max_aspect or 1.0 / min_aspect
-  s_do, s_area, s_aspect, s_top, s_left, s_noise = tf.unstack(split_seed(seed, 6))
-  shape = tf.shape(image)
-  h = tf.cast(shape[0], tf.float32)
-  w = tf.cast(shape[1], tf.float32)
+  s_do, s_area, s_aspect, s_top, s_left = tf.unstack(split_seed(seed, 5))
+  h = tf.cast(height, tf.float32)
+  w = tf.cast(width, tf.float32)
   area = h * w * _uniform(s_area, [_CROP_ATTEMPTS], min_area, max_area)
   aspect = tf.exp(_uniform(s_aspect, [_CROP_ATTEMPTS], math.log(min_aspect),
                            math.log(max_aspect)))
@@ -263,17 +262,9 @@ def random_erasing(image: tf.Tensor, seed: tf.Tensor, prob: float = 0.25,
   # random.randint(0, n - e): inclusive on both ends.
   top = tf.floor(_uniform(s_top, [_CROP_ATTEMPTS]) * (h - eh + 1.0))[first]
   left = tf.floor(_uniform(s_left, [_CROP_ATTEMPTS]) * (w - ew + 1.0))[first]
-  eh, ew = eh[first], ew[first]
   erase = (_uniform(s_do) < prob) & tf.reduce_any(fits)
-
-  def _erased():
-    rows = tf.cast(tf.range(shape[0]), tf.float32)[:, None]
-    cols = tf.cast(tf.range(shape[1]), tf.float32)[None, :]
-    inside = (rows >= top) & (rows < top + eh) & (cols >= left) & (cols < left + ew)
-    noise = tf.random.stateless_normal(shape, seed=s_noise, dtype=image.dtype)
-    return tf.where(inside[:, :, None], noise, image)
-
-  return tf.cond(erase, _erased, lambda: image)
+  box = tf.cast(tf.stack([top, left, eh[first], ew[first]]), tf.int32)
+  return tf.where(erase, box, tf.zeros([4], tf.int32))
 
 
 def eval_resize_size(size: int, crop_pct: float) -> int:
@@ -307,6 +298,8 @@ def resize_shorter_center_crop(image: tf.Tensor, size: int, crop_pct: float = 0.
 
 
 def eval_image(image: tf.Tensor, size: int, crop_pct: float = 0.875) -> tf.Tensor:
-  """The eval transform, in one place: uint8 [H, W, 3] (or encoded bytes) -> float32
-  normalised [size, size, 3] (`resize_shorter_center_crop`, then `normalize`)."""
+  """The eval transform of one image (predict, export): uint8 [H, W, 3] (or encoded bytes)
+  -> float32 normalised [size, size, 3] (`resize_shorter_center_crop`, then `normalize`).
+  The eval pipeline crops on the host and normalises on the device
+  (`device_augment.normalize`, equal to float32 rounding)."""
   return normalize(resize_shorter_center_crop(image, size, crop_pct))

@@ -2,9 +2,11 @@
 
 tf.data runs on the host and yields numpy batches; the training loop turns them into
 global jax.Arrays. Batches are dicts of
-  'image': float32 [local_batch, H, W, 3], normalised with ImageNet mean/std (augment.py),
+  'image': uint8 [local_batch, H, W, 3], RGB (the steps normalise it: device_augment.py),
   'label': int32 [local_batch],
-and, for eval, 'mask': float32 [local_batch] (1 real example, 0 padding).
+for training 'erase': int32 [local_batch, 4], the random-erasing box of each image (top,
+left, rows, cols; zeros for none), filled on the device, and for eval 'mask': float32
+[local_batch] (1 real example, 0 padding).
 local_batch = global_batch_size // process_count; every process reads its own contiguous
 shard of each split.
 
@@ -381,10 +383,11 @@ def create_train_iterator(data_config, *, global_batch_size: int, image_size: in
       image = augment.random_flip(image, s_flip)
     if ra_params is not None:
       image = randaugment.rand_augment(image, s_ra, ra_params)
-    image = augment.normalize(image)
     if cfg.random_erase > 0:
-      image = augment.random_erasing(image, s_erase, cfg.random_erase)
-    return {'image': image, 'label': tf.cast(label, tf.int32)}
+      box = augment.erase_box(s_erase, image_size, image_size, cfg.random_erase)
+    else:
+      box = tf.zeros([4], tf.int32)
+    return {'image': image, 'label': tf.cast(label, tf.int32), 'erase': box}
 
   if source.is_folder:
     paths, labels = source.folder_examples(cfg.train_split, index, count)
@@ -420,8 +423,8 @@ def create_train_iterator(data_config, *, global_batch_size: int, image_size: in
     ds = tf.data.Dataset.zip((ds, tf.data.Dataset.range(start, _FOREVER))).map(
         _plain(lambda record, position: (record[0], record[1], position, record[2])))
 
-  placeholder = {'image': tf.zeros([image_size, image_size, 3], tf.float32),
-                 'label': tf.constant(0, tf.int32)}
+  placeholder = {'image': tf.zeros([image_size, image_size, 3], tf.uint8),
+                 'label': tf.constant(0, tf.int32), 'erase': tf.zeros([4], tf.int32)}
   ds = _skipping_undecodable(ds, preprocess, placeholder, _parallelism(cfg))
   ds = ds.batch(local_batch, drop_remainder=True).prefetch(tf.data.AUTOTUNE)
   undecodable = UndecodableImages(cfg.train_split, n, cfg.max_undecodable_fraction)
@@ -465,11 +468,11 @@ def create_eval_iterator(data_config, *, global_batch_size: int, image_size: int
   num_batches = -(-max(sizes) // local_batch)
 
   def preprocess(data, label):
-    return {'image': augment.eval_image(data, image_size, cfg.eval_crop_pct),
+    return {'image': augment.resize_shorter_center_crop(data, image_size, cfg.eval_crop_pct),
             'label': tf.cast(label, tf.int32),
             'mask': tf.constant(1.0, tf.float32)}
 
-  placeholder = {'image': tf.zeros([image_size, image_size, 3], tf.float32),
+  placeholder = {'image': tf.zeros([image_size, image_size, 3], tf.uint8),
                  'label': tf.constant(0, tf.int32), 'mask': tf.constant(0.0, tf.float32)}
   padding = tf.data.Dataset.from_tensors(dict(placeholder, ok=True, name='')).repeat(
       num_batches * local_batch - n)
