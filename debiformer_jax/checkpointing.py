@@ -62,7 +62,7 @@ def _best_metric(metrics: Mapping[str, float]) -> float:
 
 def save(manager: ocp.CheckpointManager, step: int, state: Any, *,
          metrics: Mapping[str, float] | None = None) -> bool:
-  """Saves `state` at `step` (asynchronously; `check_saved(manager, block=True)` to block).
+  """Saves `state` at `step` (asynchronously; `check_saved(manager)` waits for it).
 
   `metrics` with an 'eval/top1' entry make the step a candidate for "best".
   Raises CheckpointSaveError if this save, or an earlier background one, failed.
@@ -77,14 +77,12 @@ def save(manager: ocp.CheckpointManager, step: int, state: Any, *,
     raise _save_error(manager, e) from e
 
 
-def check_saved(manager: ocp.CheckpointManager, *, block: bool = False) -> None:
-  """Raises CheckpointSaveError if the last background save failed. Without `block` it only
-  looks at a save that has ended (cheap: call it every step); with it, it waits for one."""
-  if block or not manager.is_saving_in_progress():
-    try:
-      manager.wait_until_finished()
-    except Exception as e:  # pylint: disable=broad-except
-      raise _save_error(manager, e) from e
+def check_saved(manager: ocp.CheckpointManager) -> None:
+  """Waits for the background save; raises CheckpointSaveError if it failed."""
+  try:
+    manager.wait_until_finished()
+  except Exception as e:  # pylint: disable=broad-except
+    raise _save_error(manager, e) from e
 
 
 def _save_error(manager: ocp.CheckpointManager, cause: Exception) -> CheckpointSaveError:

@@ -347,6 +347,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   checkpoint_every = max(1, int(round(config.checkpoint_every_epochs * steps_per_epoch)))
   history = {'train_loss': {}, 'eval': {}, 'preempted_at': None}
   pending = []  # On-device metrics of the steps since the last log.
+  saving = False  # A background save started and not yet checked.
   last_time, last_step = time.perf_counter(), start_step
 
   # The watcher turns SIGTERM/SIGUSR1 into a stop at a step all processes agree on; it must be
@@ -355,7 +356,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
     for step in range(start_step + 1, total_steps + 1):  # `step` updates done after this one.
       batch = sharding.host_to_global(next(train_iter), mesh)
       state, metrics = compiled_train_step(state, batch)
-      checkpointing.check_saved(manager)  # A failed background save stops the run here.
+      if saving and not manager.is_saving_in_progress():
+        checkpointing.check_saved(manager)  # A failed background save stops the run here.
+        saving = False
       pending.append(metrics)
       if job.is_chief:
         progress(step)
@@ -384,7 +387,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         history['eval'][step] = eval_metrics
         writer.write_scalars(step, eval_metrics)
       if do_checkpoint:
-        checkpointing.save(manager, step, state, metrics=eval_metrics)
+        saving = checkpointing.save(manager, step, state, metrics=eval_metrics) or saving
       if do_eval or do_checkpoint:
         last_time, last_step = time.perf_counter(), step  # Throughput excludes eval and saving.
       if preempted:
@@ -393,7 +396,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
       if interrupted:
         break
 
-  checkpointing.check_saved(manager, block=True)
+  checkpointing.check_saved(manager)
   manager.close()
   writer.flush()
   if history['preempted_at'] is not None and job.is_chief:

@@ -193,7 +193,7 @@ def _saved_steps(directory: str, steps) -> None:
   manager = checkpointing.make_manager(directory, keep=5, keep_best=0)
   for step in steps:
     checkpointing.save(manager, step, _state(step))
-  checkpointing.check_saved(manager, block=True)
+  checkpointing.check_saved(manager)
   manager.close()
 
 
@@ -220,7 +220,7 @@ def test_a_damaged_latest_checkpoint_is_moved_aside_and_the_previous_one_restore
   assert os.path.isdir(step3 + checkpointing.DAMAGED_SUFFIX)  # Kept, under another name.
   # The resumed run saves step 3 again, without the damaged one in the way.
   assert checkpointing.save(manager, 3, _state(3))
-  checkpointing.check_saved(manager, block=True)
+  checkpointing.check_saved(manager)
   assert manager.all_steps() == [1, 2, 3]
   manager.close()
 
