@@ -173,8 +173,9 @@ def train_step(state: TrainState, batch: dict, *, model, tx, schedule,
   state and on-device metrics."""
   erase_rng, mix_rng, dropout_rng = jax.random.split(
       jax.random.fold_in(state.rng, state.step), 3)
-  images = device_augment.erase(erase_rng, device_augment.normalize(batch['image']),
-                                batch['erase'])
+  images = device_augment.normalize(batch['image'])
+  if config.data.random_erase > 0:  # Else every box is empty: no noise to draw.
+    images = device_augment.erase(erase_rng, images, batch['erase'])
   images, targets = mixup.mixup_cutmix(
       mix_rng, images, batch['label'], num_classes=model.config.num_classes,
       label_smoothing=config.label_smoothing, **config.mixup)

@@ -383,10 +383,7 @@ def create_train_iterator(data_config, *, global_batch_size: int, image_size: in
       image = augment.random_flip(image, s_flip)
     if ra_params is not None:
       image = randaugment.rand_augment(image, s_ra, ra_params)
-    if cfg.random_erase > 0:
-      box = augment.erase_box(s_erase, image_size, image_size, cfg.random_erase)
-    else:
-      box = tf.zeros([4], tf.int32)
+    box = augment.erase_box(s_erase, image_size, image_size, cfg.random_erase)
     return {'image': image, 'label': tf.cast(label, tf.int32), 'erase': box}
 
   if source.is_folder:
